@@ -1,0 +1,389 @@
+"""The ``delsketch`` command line.
+
+Every malformed input exits with status 2 and one line on stderr beginning ``error:``; results go to
+stdout as a table, or as JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Predict what a trained model would do had it never seen some training examples.",
+)
+out = Console()
+err = Console(stderr=True)
+
+
+class CliError(Exception):
+    """A user error: reported as one line, exit status 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# shared helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def build_task(preset: str, data: Optional[str], steps: Optional[int]):
+    """The preset's task; ``steps`` keeps only the first N steps of its schedule (lr schedule unchanged)."""
+    from .presets import get_preset
+    from .run import first_steps
+
+    if data is not None and not Path(data).exists():
+        raise CliError(f"data file not found: {data}")
+    return first_steps(get_preset(preset)(data=data), steps)
+
+
+def task_spec(preset: str, data: Optional[str], steps: Optional[int]) -> dict:
+    return {"preset": preset, "data": str(Path(data).resolve()) if data else None, "steps": steps}
+
+
+def parse_spec(spec: str, task) -> list[int]:
+    """Deletion SPEC: indices and ranges ``0:10,15``, ``@file`` (one index per line), or a preset predicate."""
+    spec = spec.strip()
+    if not spec:
+        raise CliError("empty --delete SPEC")
+    idx: list[int] = []
+    if spec.startswith("@"):
+        path = Path(spec[1:])
+        if not path.exists():
+            raise CliError(f"deletion file not found: {path}")
+        tokens = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.strip().startswith("#")]
+        for t in tokens:
+            try:
+                idx.append(int(t))
+            except ValueError:
+                raise CliError(f"{path}: not an index: {t!r}") from None
+    else:
+        for tok in spec.split(","):
+            tok = tok.strip()
+            if not tok:
+                raise CliError(f"bad --delete SPEC {spec!r}: empty item")
+            head = tok.split(":", 1)[0]
+            if ":" in tok and head and not head.lstrip("-").isdigit():
+                try:
+                    idx.extend(task.select(tok))
+                except ValueError as e:
+                    raise CliError(str(e)) from None
+            elif ":" in tok:
+                a, b = tok.split(":", 1)
+                try:
+                    lo, hi = int(a), int(b)
+                except ValueError:
+                    raise CliError(f"bad range {tok!r} in --delete SPEC (expected A:B)") from None
+                if hi <= lo:
+                    raise CliError(f"empty range {tok!r} in --delete SPEC")
+                idx.extend(range(lo, hi))
+            else:
+                try:
+                    idx.append(int(tok))
+                except ValueError:
+                    raise CliError(
+                        f"bad item {tok!r} in --delete SPEC (expected an index, A:B, @file or a predicate such as {task.select_help or 'contains:x'})"
+                    ) from None
+    for i in idx:
+        if not 0 <= i < task.n:
+            raise CliError(f"index {i} out of range: the task has {task.n} training examples (0..{task.n - 1})")
+    out_idx = sorted(set(idx))
+    if not out_idx:
+        raise CliError(f"--delete {spec!r} selects no training example")
+    return out_idx
+
+
+def check_queries(task, queries: List[str]) -> List[str]:
+    if not queries:
+        raise CliError("give at least one --query")
+    for q in queries:
+        try:
+            task.validate_query(q)
+        except ValueError as e:
+            raise CliError(str(e)) from None
+    return queries
+
+
+def progress_bar(description: str):
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    )
+
+
+def emit_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=1) + "\n")
+
+
+def fmt(x: float) -> str:
+    return f"{x:.6g}"
+
+
+# ----------------------------------------------------------------------------------------------
+# commands
+# ----------------------------------------------------------------------------------------------
+
+PresetOpt = typer.Option(..., "--preset", help="paper | names | digits")
+DataOpt = typer.Option(None, "--data", help="data file (required by the paper preset: names.txt)")
+StepsOpt = typer.Option(None, "--steps", help="run only the first N steps of the preset's schedule")
+JsonOpt = typer.Option(False, "--json", help="print JSON instead of a table")
+
+
+@app.command()
+def sketch(
+    preset: str = PresetOpt,
+    data: Optional[str] = DataOpt,
+    steps: Optional[int] = StepsOpt,
+    directions: int = typer.Option(..., "--directions", help="number of random directions m"),
+    degree: int = typer.Option(..., "--degree", help="truncation degree k"),
+    out_dir: str = typer.Option(..., "--out", help="sketch directory (resumed if it holds a partial sketch)"),
+    seed: int = typer.Option(0, "--seed"),
+    chunk: int = typer.Option(16, "--chunk", help="directions per chunk (unit of work and of resumption)"),
+    json_out: bool = JsonOpt,
+):
+    """Precompute a deletion sketch: m ring training runs at degree k."""
+    from .sketch import precompute
+
+    task = build_task(preset, data, steps)
+    t0 = time.perf_counter()
+    with progress_bar("sketch") as bar:
+        tid = bar.add_task("sketch", total=None)
+
+        def cb(done, total):
+            bar.update(tid, completed=done, total=total)
+
+        sk = precompute(task, out_dir, directions, degree, seed=seed, chunk=chunk, steps=None,
+                        progress=cb, task_spec=task_spec(preset, data, steps))
+    wall = time.perf_counter() - t0
+    info = {"out": str(out_dir), "directions": sk.m, "degree": sk.degree, "n": sk.n, "steps": sk.manifest["steps"],
+            "seconds": round(wall, 3)}
+    if json_out:
+        emit_json(info)
+    else:
+        out.print(f"sketch of {sk.m} directions at degree {sk.degree} ({sk.n} examples, {info['steps']} steps) "
+                  f"written to {out_dir} in {wall:.1f} s")
+
+
+def load_sketch(path: str):
+    from .sketch import Sketch, SketchError, _read_manifest
+
+    p = Path(path)
+    if not p.is_dir():
+        raise CliError(f"sketch directory not found: {path}")
+    man = _read_manifest(p)
+    spec = man.get("task_spec") or {}
+    if "preset" not in spec:
+        raise SketchError(f"{path}: sketch was built from Python (no preset recorded); load it with the Python API")
+    task = build_task(spec["preset"], spec.get("data"), spec.get("steps"))
+    return Sketch.load(p, task)
+
+
+@app.command()
+def predict(
+    sketch_dir: str = typer.Argument(..., help="sketch directory"),
+    delete: str = typer.Option(..., "--delete", help="SPEC: 0:10,15 | @file | contains:x | class:3"),
+    weight: float = typer.Option(1.0, "--weight", help="1 deletes; 0<W<1 downweights; W<0 upweights (-1 = counted twice)"),
+    query: List[str] = typer.Option([], "--query", help="output to predict (repeatable)"),
+    delta: float = typer.Option(0.05, "--delta", help="failure probability of the median-of-means estimate"),
+    json_out: bool = JsonOpt,
+):
+    """Predict outputs after deleting (or reweighting) a set of training examples."""
+    if not 0 < delta < 1:
+        raise CliError("--delta must lie in (0, 1)")
+    sk = load_sketch(sketch_dir)
+    idx = parse_spec(delete, sk.task)
+    qs = check_queries(sk.task, query)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        preds = sk.predict(qs, idx, weight=weight, delta=delta)
+    objs = [p.to_json() for p in preds]
+    if json_out:
+        emit_json(objs[0] if len(objs) == 1 else objs)
+        return
+    t = Table(title=f"deleting {len(idx)} examples (weight {weight}), {sk.m} directions, degree {sk.degree}")
+    for c in ["query", "base", "estimate", "change", "± stderr", "median of means"]:
+        t.add_column(c, justify="right" if c != "query" else "left")
+    for p in preds:
+        t.add_row(p.query, fmt(p.base), fmt(p.estimate), fmt(p.change), fmt(p.stderr), fmt(p.median_of_means))
+    out.print(t)
+    for w in {str(c.message) for c in caught}:
+        err.print(f"warning: {w}")
+
+
+@app.command()
+def retrain(
+    preset: str = PresetOpt,
+    data: Optional[str] = DataOpt,
+    steps: Optional[int] = StepsOpt,
+    delete: str = typer.Option(..., "--delete"),
+    weight: float = typer.Option(1.0, "--weight"),
+    query: List[str] = typer.Option([], "--query"),
+    json_out: bool = JsonOpt,
+):
+    """Ground truth: retrain for real with the deletion applied and evaluate the outputs."""
+    from .run import deletion_weights, train
+    from .sketch import evaluate
+
+    task = build_task(preset, data, steps)
+    idx = parse_spec(delete, task)
+    qs = check_queries(task, query)
+    with progress_bar("train") as bar:
+        tid = bar.add_task("train", total=2 * task.steps)
+        cb = lambda s, loss: bar.advance(tid)
+        base_params = train(task, callback=cb)
+        new_params = train(task, w=deletion_weights(task.n, idx, weight), callback=cb)
+    rows = []
+    for q in qs:
+        b = float(evaluate(task, base_params, q))
+        v = float(evaluate(task, new_params, q))
+        rows.append({"query": q, "value": v, "base": b, "change": v - b, "deletion_size": len(idx), "weight": weight})
+    if json_out:
+        emit_json(rows[0] if len(rows) == 1 else rows)
+        return
+    t = Table(title=f"retrained without {len(idx)} examples (weight {weight})")
+    for c in ["query", "base", "value", "change"]:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(r["query"], fmt(r["base"]), fmt(r["value"]), fmt(r["change"]))
+    out.print(t)
+
+
+@app.command()
+def series(
+    preset: str = PresetOpt,
+    data: Optional[str] = DataOpt,
+    steps: Optional[int] = StepsOpt,
+    delete: str = typer.Option(..., "--delete"),
+    degree: int = typer.Option(..., "--degree"),
+    weight: float = typer.Option(1.0, "--weight"),
+    query: List[str] = typer.Option([], "--query"),
+    json_out: bool = JsonOpt,
+):
+    """Exact Taylor series of t -> output(t W 1_D) from one ring run (no sketch variance)."""
+    from .sketch import exact_series
+
+    if not 1 <= degree <= 100:
+        raise CliError("--degree must lie in [1, 100]")
+    task = build_task(preset, data, steps)
+    idx = parse_spec(delete, task)
+    qs = check_queries(task, query)
+    with progress_bar("ring run") as bar:
+        tid = bar.add_task("ring run", total=task.steps)
+        res = exact_series(task, idx, degree, qs, weight=weight, callback=lambda s, l: bar.advance(tid))
+    objs = [r.to_json() for r in res]
+    if json_out:
+        emit_json(objs[0] if len(objs) == 1 else objs)
+        return
+    for r in res:
+        t = Table(title=f"{r.query}: Taylor series of t -> output(t·{weight}·1_D), |D| = {len(idx)}")
+        t.add_column("degree r")
+        t.add_column("coefficient")
+        t.add_column("partial sum at t=1")
+        for i, (c, s) in enumerate(zip(r.coefficients, r.partial_sums)):
+            t.add_row(str(i), fmt(c), fmt(s))
+        out.print(t)
+
+
+@app.command()
+def stability(
+    sketch_dir: str = typer.Argument(...),
+    query: List[str] = typer.Option([], "--query", help="outputs to diagnose (default: the preset's default queries)"),
+    tolerance: float = typer.Option(0.05, "--tolerance", help="truncation error tolerance for the safe deletion size"),
+    plot: Optional[str] = typer.Option(None, "--plot", help="write a PNG of the per-degree term sizes"),
+    json_out: bool = JsonOpt,
+):
+    """Stability diagnostics: do the Taylor terms decay with degree?"""
+    sk = load_sketch(sketch_dir)
+    qs = check_queries(sk.task, query or list(sk.task.default_queries))
+    reports = {q: sk.stability(q, tolerance=tolerance) for q in qs}
+    if plot:
+        from .report import plot_stability
+
+        plot_stability(reports, plot)
+    if json_out:
+        emit_json(reports)
+        return
+    for q, rep in reports.items():
+        t = Table(title=f"{q}: {rep['verdict']}")
+        t.add_column("degree")
+        t.add_column("log2 size")
+        t.add_column("95% interval")
+        for row in rep["degrees"]:
+            t.add_row(str(row["degree"]), f"{row['log2_size']:.2f}", f"[{row['log2_lo']:.2f}, {row['log2_hi']:.2f}]")
+        out.print(t)
+        if rep.get("decay_per_degree") is not None:
+            out.print(f"decay per degree {rep['decay_per_degree']:.3g}; safe deletion size (tolerance {tolerance}): "
+                      f"{rep['safe_deletion_size']:.3g} examples")
+
+
+@app.command()
+def demo(
+    out_dir: str = typer.Option("delsketch-demo", "--out", help="where the sketch, JSON and PNG go"),
+    directions: int = typer.Option(64, "--directions"),
+    degree: int = typer.Option(3, "--degree"),
+    json_out: bool = JsonOpt,
+):
+    """Train on census names, sketch, predict a deletion, retrain to check, print and plot the comparison."""
+    from .demo import run_demo
+
+    run_demo(out_dir, directions=directions, degree=degree, json_out=json_out, console=out, err=err,
+             progress_factory=progress_bar)
+
+
+# ----------------------------------------------------------------------------------------------
+# entry point with the exit-2 contract
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: Optional[list] = None) -> int:
+    from .sketch import SketchError
+    from .taylor import SeriesDomainError, UnsupportedOpError
+    from .run import NonFiniteError
+
+    try:
+        app(args=argv, standalone_mode=False, prog_name="delsketch")
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        err.print("error: aborted")
+        return 130
+    except click.UsageError as e:
+        msg = e.format_message().replace("\n", " ")
+        sys.stderr.write(f"error: {msg}\n")
+        return 2
+    except click.ClickException as e:
+        sys.stderr.write(f"error: {e.format_message()}\n")
+        return 2
+    except (CliError, SketchError, ValueError, FileNotFoundError) as e:
+        sys.stderr.write(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
+        return 2
+    except (UnsupportedOpError, SeriesDomainError, NonFiniteError) as e:
+        sys.stderr.write(f"error: {str(e).splitlines()[0]}\n")
+        return 1
+    return 0
+
+
+def entry() -> None:  # console script
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

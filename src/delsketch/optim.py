@@ -1,0 +1,404 @@
+"""Functional optimizers and learning-rate schedules.
+
+Every optimizer here is *functional*: parameters and state are explicit dicts of tensors and
+``step`` returns new dicts instead of mutating anything.  The update is written as ordinary
+out-of-place tensor arithmetic (``+``, ``*``, ``/``, ``torch.sqrt``) with the learning rate,
+betas and bias corrections as Python floats, so the very same code runs on plain float64
+tensors (training, retraining) and on :class:`delsketch.taylor.Series` parameters (a ring run).
+
+Nothing here inspects tensor values: no ``.item()``, no branching on data, no in-place ops,
+no ``torch.optim``.
+
+Schedules are small callables ``step -> multiplier``; the learning rate at 0-based step ``s`` is
+``lr * schedule(s)``, a Python float.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Schedule",
+    "constant",
+    "linear_decay",
+    "cosine",
+    "warmup",
+    "schedule_from_config",
+    "Optimizer",
+    "SGD",
+    "Adam",
+    "AdamW",
+    "optimizer_from_config",
+]
+
+Params = dict[str, Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# schedules
+# --------------------------------------------------------------------------------------------
+
+
+class Schedule:
+    """A learning-rate multiplier as a function of the 0-based step index."""
+
+    def __call__(self, step: int) -> float:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.describe().items() if k != "name")
+        return f"{self.describe()['name']}({args})"
+
+
+class _Constant(Schedule):
+    def __call__(self, step: int) -> float:
+        return 1.0
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": "constant"}
+
+
+class _LinearDecay(Schedule):
+    def __init__(self, total_steps: int):
+        if total_steps <= 0:
+            raise ValueError(f"linear_decay: total_steps must be positive, got {total_steps}")
+        self.total_steps = int(total_steps)
+
+    def __call__(self, step: int) -> float:
+        return 1 - step / self.total_steps
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": "linear_decay", "total_steps": self.total_steps}
+
+
+class _Cosine(Schedule):
+    def __init__(self, total_steps: int, final: float = 0.0):
+        if total_steps <= 0:
+            raise ValueError(f"cosine: total_steps must be positive, got {total_steps}")
+        self.total_steps = int(total_steps)
+        self.final = float(final)
+
+    def __call__(self, step: int) -> float:
+        frac = min(step, self.total_steps) / self.total_steps
+        return self.final + (1.0 - self.final) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": "cosine", "total_steps": self.total_steps, "final": self.final}
+
+
+class _Warmup(Schedule):
+    def __init__(self, steps: int, then: Schedule | None = None):
+        if steps < 0:
+            raise ValueError(f"warmup: steps must be >= 0, got {steps}")
+        self.steps = int(steps)
+        self.then = then if then is not None else _Constant()
+
+    def __call__(self, step: int) -> float:
+        if step < self.steps:
+            return (step + 1) / self.steps
+        return self.then(step - self.steps)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": "warmup", "steps": self.steps, "then": self.then.describe()}
+
+
+def constant() -> Schedule:
+    """Multiplier 1 at every step."""
+    return _Constant()
+
+
+def linear_decay(total_steps: int) -> Schedule:
+    """Multiplier ``1 - step / total_steps`` (the reference microgpt's schedule)."""
+    return _LinearDecay(total_steps)
+
+
+def cosine(total_steps: int, final: float = 0.0) -> Schedule:
+    """Half-cosine from 1 at step 0 to ``final`` at ``total_steps`` (held there afterwards)."""
+    return _Cosine(total_steps, final)
+
+
+def warmup(steps: int, then: Schedule | None = None) -> Schedule:
+    """Linear warm-up ``(step + 1) / steps`` for the first ``steps`` steps, then ``then``.
+
+    ``then`` is evaluated at ``step - steps`` (its own step 0 is the first step after the
+    warm-up), so give it the number of steps that remain, e.g.
+    ``warmup(100, then=cosine(total - 100))``.  Default ``then``: constant.
+    """
+    return _Warmup(steps, then)
+
+
+def schedule_from_config(cfg: dict[str, Any] | None) -> Schedule:
+    """Rebuild a schedule from its ``describe()`` dict (``None`` -> constant)."""
+    if cfg is None:
+        return _Constant()
+    name = cfg.get("name")
+    if name == "constant":
+        return _Constant()
+    if name == "linear_decay":
+        return _LinearDecay(cfg["total_steps"])
+    if name == "cosine":
+        return _Cosine(cfg["total_steps"], cfg.get("final", 0.0))
+    if name == "warmup":
+        return _Warmup(cfg["steps"], schedule_from_config(cfg.get("then")))
+    raise ValueError(f"unknown schedule {name!r} (choose from: constant, linear_decay, cosine, warmup)")
+
+
+# --------------------------------------------------------------------------------------------
+# optimizers
+# --------------------------------------------------------------------------------------------
+
+
+def _zeros_like(params: Params) -> Params:
+    return {k: torch.zeros_like(p) for k, p in params.items()}
+
+
+def _check_keys(params: Params, grads: Params) -> None:
+    if list(params.keys()) != list(grads.keys()):
+        missing = [k for k in params if k not in grads]
+        raise KeyError(f"grads do not match params (missing: {missing})")
+
+
+class Optimizer:
+    """Base class of the functional optimizers.
+
+    ``init(params)`` returns the initial state; ``step(params, grads, state, step)`` returns
+    ``(new_params, new_state)`` computed out of place under ``torch.no_grad()``; ``step`` is the
+    0-based index of the training step (it drives the schedule and bias corrections).
+    """
+
+    lr: float
+    schedule: Schedule
+
+    def init(self, params: Params) -> dict[str, Any]:
+        return {}
+
+    def step(self, params: Params, grads: Params, state: dict[str, Any], step: int):
+        raise NotImplementedError
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate (a Python float) at 0-based step ``step``."""
+        return self.lr * self.schedule(step)
+
+    def describe(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        d = self.describe()
+        args = ", ".join(f"{k}={v!r}" for k, v in d.items() if k != "name")
+        return f"{type(self).__name__}({args})"
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with optional (heavy-ball or Nesterov) momentum.
+
+    Matches ``torch.optim.SGD`` with ``dampening=0``::
+
+        g   = grad + weight_decay * p
+        buf = momentum * buf + g               (buf starts at 0, so buf_0 = g_0)
+        d   = g + momentum * buf  if nesterov else  buf   (d = g when momentum == 0)
+        p   = p - lr_t * d
+
+    The update is a polynomial in the gradients: it is analytic everywhere, the most benign
+    choice for ring runs.
+    """
+
+    def __init__(
+        self,
+        lr: float,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        schedule: Schedule | None = None,
+    ):
+        if lr < 0:
+            raise ValueError(f"SGD: lr must be >= 0, got {lr}")
+        if nesterov and momentum <= 0:
+            raise ValueError("SGD: nesterov momentum requires momentum > 0")
+        self.lr = float(lr)
+        self.momentum = float(momentum)
+        self.weight_decay = float(weight_decay)
+        self.nesterov = bool(nesterov)
+        self.schedule = schedule if schedule is not None else constant()
+
+    def init(self, params: Params) -> dict[str, Any]:
+        if self.momentum != 0.0:
+            return {"momentum": _zeros_like(params)}
+        return {}
+
+    def step(self, params: Params, grads: Params, state: dict[str, Any], step: int):
+        _check_keys(params, grads)
+        lr_t = self.lr_at(step)
+        new_params: Params = {}
+        new_buf: Params = {}
+        with torch.no_grad():
+            for name, p in params.items():
+                g = grads[name]
+                if self.weight_decay != 0.0:
+                    g = g + self.weight_decay * p
+                if self.momentum != 0.0:
+                    buf = self.momentum * state["momentum"][name] + g
+                    new_buf[name] = buf
+                    d = g + self.momentum * buf if self.nesterov else buf
+                else:
+                    d = g
+                new_params[name] = p - lr_t * d
+        new_state = {"momentum": new_buf} if self.momentum != 0.0 else {}
+        return new_params, new_state
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": "sgd",
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "weight_decay": self.weight_decay,
+            "nesterov": self.nesterov,
+            "schedule": self.schedule.describe(),
+        }
+
+
+class Adam(Optimizer):
+    """Adam, functional.  Moments start at zero; bias corrections use ``1 - beta ** (step + 1)``.
+
+    Standard form (``eps_inside_sqrt=False``, as ``torch.optim.Adam``)::
+
+        p = p - lr_t * m_hat / (sqrt(v_hat) + eps)
+
+    The paper's variant (``eps_inside_sqrt=True``)::
+
+        p = p - lr_t * m_hat / sqrt(v_hat + eps)
+
+    ``weight_decay`` here is L2 regularisation added to the gradient (``torch.optim.Adam``);
+    see :class:`AdamW` for decoupled decay.
+
+    Caveat for ring runs: ``sqrt`` is not analytic at 0.  With the standard form, a parameter
+    whose gradient has been exactly zero so far (``v_hat == 0`` in the degree-0 coefficient,
+    e.g. an embedding row never used) makes the series of ``sqrt(v_hat)`` blow up and the run
+    fill with NaN/inf coefficients.  ``eps_inside_sqrt=True`` keeps the argument >= eps > 0,
+    so the update stays analytic; prefer it for anything that will be sketched.
+    """
+
+    name = "adam"
+
+    def __init__(
+        self,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        eps_inside_sqrt: bool = False,
+        weight_decay: float = 0.0,
+        schedule: Schedule | None = None,
+    ):
+        if lr < 0:
+            raise ValueError(f"{type(self).__name__}: lr must be >= 0, got {lr}")
+        b1, b2 = betas
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise ValueError(f"{type(self).__name__}: betas must lie in [0, 1), got {betas}")
+        if eps <= 0 and eps_inside_sqrt:
+            raise ValueError(f"{type(self).__name__}: eps must be > 0 with eps_inside_sqrt")
+        self.lr = float(lr)
+        self.betas = (float(b1), float(b2))
+        self.eps = float(eps)
+        self.eps_inside_sqrt = bool(eps_inside_sqrt)
+        self.weight_decay = float(weight_decay)
+        self.schedule = schedule if schedule is not None else constant()
+
+    def init(self, params: Params) -> dict[str, Any]:
+        return {"m": _zeros_like(params), "v": _zeros_like(params)}
+
+    # decoupled decay hook (AdamW overrides)
+    def _decay(self, p: Tensor, lr_t: float) -> Tensor:
+        return p
+
+    def _grad(self, g: Tensor, p: Tensor) -> Tensor:
+        if self.weight_decay != 0.0:
+            return g + self.weight_decay * p
+        return g
+
+    def step(self, params: Params, grads: Params, state: dict[str, Any], step: int):
+        _check_keys(params, grads)
+        b1, b2 = self.betas
+        lr_t = self.lr_at(step)
+        bc1 = 1 - b1 ** (step + 1)
+        bc2 = 1 - b2 ** (step + 1)
+        new_params: Params = {}
+        new_m: Params = {}
+        new_v: Params = {}
+        with torch.no_grad():
+            for name, p in params.items():
+                g = self._grad(grads[name], p)
+                m = b1 * state["m"][name] + (1 - b1) * g
+                v = b2 * state["v"][name] + (1 - b2) * (g * g)
+                m_hat = m / bc1
+                v_hat = v / bc2
+                if self.eps_inside_sqrt:
+                    denom = torch.sqrt(v_hat + self.eps)
+                else:
+                    denom = torch.sqrt(v_hat) + self.eps
+                new_params[name] = self._decay(p, lr_t) - lr_t * m_hat / denom
+                new_m[name] = m
+                new_v[name] = v
+        return new_params, {"m": new_m, "v": new_v}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "lr": self.lr,
+            "betas": list(self.betas),
+            "eps": self.eps,
+            "eps_inside_sqrt": self.eps_inside_sqrt,
+            "weight_decay": self.weight_decay,
+            "schedule": self.schedule.describe(),
+        }
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (as ``torch.optim.AdamW``)::
+
+        p = p * (1 - lr_t * weight_decay) - lr_t * m_hat / denom
+
+    ``denom`` as in :class:`Adam` (``eps_inside_sqrt`` selects the paper's variant).
+    Default ``weight_decay`` 1e-2 as in torch.
+    """
+
+    name = "adamw"
+
+    def __init__(
+        self,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        eps_inside_sqrt: bool = False,
+        weight_decay: float = 1e-2,
+        schedule: Schedule | None = None,
+    ):
+        super().__init__(lr, betas, eps, eps_inside_sqrt, weight_decay, schedule)
+
+    def _grad(self, g: Tensor, p: Tensor) -> Tensor:
+        return g
+
+    def _decay(self, p: Tensor, lr_t: float) -> Tensor:
+        if self.weight_decay != 0.0:
+            return p * (1 - lr_t * self.weight_decay)
+        return p
+
+
+def optimizer_from_config(cfg: dict[str, Any]) -> Optimizer:
+    """Rebuild an optimizer from its ``describe()`` dict."""
+    cfg = dict(cfg)
+    name = cfg.pop("name", None)
+    sched = schedule_from_config(cfg.pop("schedule", None))
+    if name == "sgd":
+        return SGD(schedule=sched, **cfg)
+    if name in ("adam", "adamw"):
+        cls = Adam if name == "adam" else AdamW
+        betas = tuple(cfg.pop("betas", (0.9, 0.999)))
+        return cls(betas=betas, schedule=sched, **cfg)  # type: ignore[arg-type]
+    raise ValueError(f"unknown optimizer {name!r} (choose from: sgd, adam, adamw)")
+

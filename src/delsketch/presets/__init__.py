@@ -1,0 +1,65 @@
+"""Ready-made training tasks.
+
+``get_preset(name)`` returns a builder ``(data=None, steps=None, **overrides) -> Task``:
+
+* ``paper``  - the paper's reference microgpt run on names.txt (``data`` = path, required);
+* ``names``  - the same model and recipe on census first names from the ``names`` package;
+* ``digits`` - an MLP on scikit-learn's digits.
+
+See each module's docstring for its overrides, queries and predicates.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Callable
+
+from ..run import Task
+
+__all__ = ["PRESETS", "get_preset", "preset_overrides"]
+
+PRESETS: tuple[str, ...] = ("paper", "names", "digits")
+
+
+def _builder(name: str) -> Callable[..., Task]:
+    if name == "paper":
+        from .paper import build
+    elif name == "names":
+        from .names import build
+    elif name == "digits":
+        from .digits import build
+    else:  # pragma: no cover - guarded by get_preset
+        raise AssertionError(name)
+    return build
+
+
+def get_preset(name: str) -> Callable[..., Task]:
+    """The builder ``(data: str | None = None, steps: int | None = None, **overrides) -> Task``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r} (choose from: {', '.join(PRESETS)})")
+    build = _builder(name)
+
+    def make(data: str | None = None, steps: int | None = None, **overrides) -> Task:
+        allowed = preset_overrides(name)
+        unknown = sorted(set(overrides) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"preset {name!r} has no override {', '.join(map(repr, unknown))} "
+                f"(choose from: {', '.join(allowed) or 'none'})"
+            )
+        return build(data=data, steps=steps, **overrides)
+
+    make.__name__ = f"build_{name}"
+    make.__doc__ = importlib.import_module(build.__module__).__doc__
+    return make
+
+
+def preset_overrides(name: str) -> dict[str, object]:
+    """The overrides a preset accepts (besides ``data`` and ``steps``) and their defaults."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r} (choose from: {', '.join(PRESETS)})")
+    sig = inspect.signature(_builder(name))
+    return {
+        k: p.default for k, p in sig.parameters.items() if k not in ("data", "steps")
+    }

@@ -1,0 +1,61 @@
+"""Plots (matplotlib, headless). Every function writes one PNG atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _save(fig, path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def plot_stability(reports: dict, path) -> None:
+    """log2 size of the degree-r Taylor term per degree, with confidence intervals, one line per output."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for q, rep in reports.items():
+        rs = [row["degree"] for row in rep["degrees"]]
+        y = [row["log2_size"] for row in rep["degrees"]]
+        lo = [row["log2_size"] - row["log2_lo"] for row in rep["degrees"]]
+        hi = [row["log2_hi"] - row["log2_size"] for row in rep["degrees"]]
+        ax.errorbar(rs, y, yerr=[lo, hi], marker="o", capsize=3, label=f"{q} ({rep['verdict'].split(':')[0]})")
+    ax.set_xlabel("degree r")
+    ax.set_ylabel("log2 estimated size of the degree-r Taylor term")
+    ax.set_title("stability: Taylor terms should decay with r")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_predicted_vs_actual(rows: list[dict], path, title: str) -> None:
+    """Bars of predicted change (± 2 standard errors) beside the retrained change, per output."""
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows) + 2), 4))
+    xs = range(len(rows))
+    pred = [r["predicted_change"] for r in rows]
+    err = [2 * r["stderr"] for r in rows]
+    act = [r["actual_change"] for r in rows]
+    ax.bar([x - 0.2 for x in xs], pred, width=0.4, yerr=err, capsize=4, label="sketch prediction ± 2 s.e.")
+    ax.bar([x + 0.2 for x in xs], act, width=0.4, label="real retraining")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([r["query"] for r in rows])
+    ax.set_ylabel("change of the output")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    _save(fig, path)

@@ -1,0 +1,257 @@
+"""A deterministic training run, generic over the arithmetic.
+
+A :class:`Task` bundles everything that determines a training run: initial parameters, the batch
+schedule, per-example losses, the optimizer and the normalization of the weighted batch loss.
+:func:`train` executes it.  Example ``i`` carries the loss weight ``1 - w_i``:
+
+* ``w=None`` - plain training (all weights 1);
+* ``w`` a float64 tensor of shape ``[n]`` - a real (re)training run, e.g. ``w = 1_D`` deletes D;
+* ``w`` a :class:`delsketch.taylor.Series` of logical shape ``[n]`` - a ring run, in which the
+  parameters become truncated power series in the weights.
+
+The training loop only uses ``w[idx]``, ``1 - x``, ``*``, ``.sum()``, ``/`` and ``torch.where`` on
+``w`` and ordinary out-of-place tensor arithmetic elsewhere, so one loop serves all three.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .optim import Optimizer
+from .taylor import all_finite
+
+__all__ = ["Task", "NonFiniteError", "train", "retrain", "deletion_weights", "batch_loss", "first_steps"]
+
+Params = dict[str, Tensor]
+
+NORMALIZATIONS = ("fixed", "renormalized")
+
+
+class NonFiniteError(FloatingPointError):
+    """A training step produced a non-finite loss or parameter."""
+
+
+def _no_queries(params: Params, q: str) -> Tensor:
+    raise ValueError("this task defines no queries")
+
+
+def _reject_query(q: str) -> None:
+    raise ValueError("this task defines no queries")
+
+
+def _no_select(predicate: str) -> list[int]:
+    raise ValueError("this task defines no predicates")
+
+
+@dataclass
+class Task:
+    """A deterministic training run.
+
+    Fields
+    ------
+    name: preset / task name.
+    n: number of training examples (length of ``w``).
+    init_params: ``() -> {name: float64 tensor}``, deterministic.
+    example_losses: ``(params, idx LongTensor [b]) -> per-example losses [b]``.
+    schedule: the example indices used at each step (``schedule[s]`` for 0-based step ``s``).
+    optimizer: a functional :class:`delsketch.optim.Optimizer`.
+    normalization: ``"fixed"`` - batch loss ``sum_i (1 - w_i) loss_i / b`` (b = batch size);
+        ``"renormalized"`` - ``sum_i (1 - w_i) loss_i / sum_i (1 - w_i)`` over the batch
+        (a batch whose weights sum to exactly 0 contributes loss 0 instead of 0/0).
+    query: ``(params, q: str) -> 0-dim tensor``, an output of the trained model.
+    validate_query: ``(q: str) -> None``; raises ``ValueError`` with a one-line message.
+    select: ``(predicate: str) -> sorted list of training indices``; ``ValueError`` if unknown.
+    examples: the raw training examples in index order.
+    config: JSON-serializable description of everything that determines the run.
+    query_help / select_help: one-line syntax summaries (for the CLI).
+    default_queries: a few sensible queries for this task.
+    model: the ``nn.Module`` behind ``example_losses`` (informational; may be ``None``).
+    """
+
+    name: str
+    n: int
+    init_params: Callable[[], Params]
+    example_losses: Callable[[Params, Tensor], Tensor]
+    schedule: list[list[int]]
+    optimizer: Optimizer
+    normalization: str = "fixed"
+    query: Callable[[Params, str], Tensor] = _no_queries
+    validate_query: Callable[[str], None] = _reject_query
+    select: Callable[[str], list[int]] = _no_select
+    examples: list = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    query_help: str = ""
+    select_help: str = ""
+    default_queries: list[str] = field(default_factory=list)
+    model: Any = None
+
+    def __post_init__(self) -> None:
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"unknown normalization {self.normalization!r} (choose from: {', '.join(NORMALIZATIONS)})"
+            )
+        if self.n <= 0:
+            raise ValueError(f"task {self.name!r}: n must be positive, got {self.n}")
+        for s, batch in enumerate(self.schedule):
+            if len(batch) == 0:
+                raise ValueError(f"task {self.name!r}: step {s} has an empty batch")
+            for i in batch:
+                if not 0 <= i < self.n:
+                    raise ValueError(f"task {self.name!r}: step {s} uses index {i} outside [0, {self.n})")
+
+    @property
+    def steps(self) -> int:
+        """Number of steps in the full schedule."""
+        return len(self.schedule)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-serializable summary (config, optimizer, normalization, sizes)."""
+        return {
+            "name": self.name,
+            "n": self.n,
+            "steps": len(self.schedule),
+            "normalization": self.normalization,
+            "optimizer": self.optimizer.describe(),
+            "config": self.config,
+        }
+
+    def fingerprint(self) -> str:
+        """sha256 over the data (examples, schedule, initial parameters) and the config."""
+        h = hashlib.sha256()
+        h.update(json.dumps(self.describe(), sort_keys=True, default=str).encode())
+        h.update(b"\0schedule\0")
+        h.update(json.dumps(self.schedule, separators=(",", ":")).encode())
+        h.update(b"\0examples\0")
+        h.update(json.dumps(self.examples, separators=(",", ":"), sort_keys=True, default=str).encode())
+        h.update(b"\0init\0")
+        for name, p in self.init_params().items():
+            t = p.detach().to(torch.float64).contiguous()
+            h.update(name.encode() + b"\0" + json.dumps(list(t.shape)).encode())
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()
+
+
+def batch_loss(losses: Tensor, w: Optional[Tensor], idx: Tensor, normalization: str) -> Tensor:
+    """The weighted batch loss of one step (see :class:`Task` for the two normalizations)."""
+    b = losses.shape[0]
+    if w is None:
+        return losses.sum() / b
+    weights = 1 - w[idx]
+    total = (losses * weights).sum()
+    if normalization == "fixed":
+        return total / b
+    if normalization == "renormalized":
+        denom = weights.sum()
+        # an all-deleted batch has total == 0 exactly; divide by 1 instead of 0
+        denom = torch.where(denom == 0, 1.0, denom)
+        return total / denom
+    raise ValueError(f"unknown normalization {normalization!r} (choose from: {', '.join(NORMALIZATIONS)})")
+
+
+def _fresh_leaves(params: Params) -> Params:
+    return {k: v.detach().requires_grad_(True) for k, v in params.items()}
+
+
+def train(
+    task: Task,
+    w: Optional[Tensor] = None,
+    params: Optional[Params] = None,
+    steps: Optional[int] = None,
+    callback: Optional[Callable[[int, Tensor], None]] = None,
+    check_finite: bool = True,
+) -> Params:
+    """Run steps ``0 .. steps-1`` of ``task.schedule`` and return the final parameters.
+
+    ``w``: ``None`` (plain training), a float64 tensor ``[n]`` or a ``Series`` of logical shape
+    ``[n]``; example ``i``'s loss is multiplied by ``1 - w_i``.
+    ``params``: starting parameters (default ``task.init_params()``); the optimizer state always
+    starts fresh at step 0.
+    ``steps``: number of steps to run (default: the whole schedule).
+    ``callback(step, loss)``: called after each step with the (detached) batch loss.
+    ``check_finite``: after each step raise :class:`NonFiniteError` if the loss or a parameter
+    is not finite.
+
+    Returned parameters are detached float64 tensors (or Series) without ``requires_grad``.
+    """
+    total = len(task.schedule)
+    if steps is None:
+        steps = total
+    if not 0 <= steps <= total:
+        raise ValueError(f"steps must lie in [0, {total}] for task {task.name!r}, got {steps}")
+    if w is not None and tuple(w.shape) != (task.n,):
+        raise ValueError(f"w must have shape [{task.n}], got {list(w.shape)}")
+    if params is None:
+        params = task.init_params()
+    params = _fresh_leaves(params)
+    names = list(params.keys())
+    opt = task.optimizer
+    state = opt.init(params)
+
+    for s in range(steps):
+        idx = torch.tensor(task.schedule[s], dtype=torch.long)
+        with torch.enable_grad():
+            losses = task.example_losses(params, idx)
+            if tuple(losses.shape) != (len(idx),):
+                raise ValueError(
+                    f"task {task.name!r}: example_losses must return per-example losses of shape "
+                    f"[{len(idx)}], got {list(losses.shape)}"
+                )
+            loss = batch_loss(losses, w, idx, task.normalization)
+            grads_t = torch.autograd.grad(loss, [params[k] for k in names], allow_unused=True)
+        grads = {
+            k: (g if g is not None else torch.zeros_like(params[k])) for k, g in zip(names, grads_t)
+        }
+        new_params, state = opt.step(params, grads, state, s)
+        loss = loss.detach()
+        if check_finite:
+            if not all_finite(loss):
+                raise NonFiniteError(f"step {s}: loss is not finite")
+            for k in names:
+                if not all_finite(new_params[k]):
+                    raise NonFiniteError(f"step {s}: parameter {k!r} is not finite")
+        params = _fresh_leaves(new_params)
+        if callback is not None:
+            callback(s, loss)
+
+    return {k: v.detach() for k, v in params.items()}
+
+
+def first_steps(task: Task, steps: Optional[int]) -> Task:
+    """The task restricted to the first ``steps`` steps of its schedule (optimizer and lr schedule unchanged)."""
+    if steps is None or steps == len(task.schedule):
+        return task
+    if not 1 <= steps <= len(task.schedule):
+        raise ValueError(f"steps must lie in [1, {len(task.schedule)}] for task {task.name!r}, got {steps}")
+    return dataclasses.replace(task, schedule=task.schedule[:steps], config={**task.config, "first_steps": steps})
+
+
+def deletion_weights(n: int, delete_idx: Sequence[int], weight: float = 1.0) -> Tensor:
+    """The float64 vector ``weight * 1_D`` of length ``n``."""
+    w = torch.zeros(n, dtype=torch.float64)
+    idx = sorted(set(int(i) for i in delete_idx))
+    for i in idx:
+        if not 0 <= i < n:
+            raise ValueError(f"deletion index {i} outside [0, {n})")
+    if idx:
+        w[torch.tensor(idx, dtype=torch.long)] = float(weight)
+    return w
+
+
+def retrain(
+    task: Task,
+    delete_idx: Sequence[int],
+    weight: float = 1.0,
+    steps: Optional[int] = None,
+    callback: Optional[Callable[[int, Tensor], None]] = None,
+    check_finite: bool = True,
+) -> Params:
+    """Real retraining with ``w = weight * 1_D`` (``weight=1`` deletes ``D`` entirely)."""
+    w = deletion_weights(task.n, delete_idx, weight)
+    return train(task, w=w, steps=steps, callback=callback, check_finite=check_finite)

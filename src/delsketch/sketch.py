@@ -1,0 +1,671 @@
+"""Deletion sketches: precompute, store, predict, diagnose.
+
+Example i of a task carries the loss weight ``1 - w_i``; an output f of the trained model is a function
+f(w), and deleting the set D means evaluating f(1_D). A sketch is m ring runs with ``w = z psi_j``,
+psi_j uniform on the unit sphere of C^n. Every output computed from the trained series-valued
+parameters is a polynomial in z whose degree-r coefficient c_r(psi) satisfies
+
+    E[ C(n+r-1, r) c_r(psi) (sum_i v_i conj(psi_i))^r ] = T_r[v^r],
+
+the degree-r Taylor term of f at v (here v = W 1_D). Summing r = 0..k estimates f(W 1_D).
+
+Layout of a sketch directory::
+
+    manifest.json           config, fingerprints, versions, chunk checksums (no timestamps)
+    base.safetensors        degree-0 parameters (= plain training), stored once
+    chunk-00000.safetensors psi and degree 1..k coefficients of every parameter, for a range of directions
+    timings.json            wall times (kept out of the manifest so files are reproducible byte for byte)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__, taylor
+from .run import Task, train
+
+FORMAT = "delsketch-sketch/1"
+Query = Union[str, Callable[[dict], torch.Tensor]]
+
+
+class SketchError(ValueError):
+    """A sketch directory is missing, corrupt, or does not match the task."""
+
+
+class StabilityWarning(UserWarning):
+    """A prediction goes past the deletion size the stability diagnostics consider safe."""
+
+
+# ----------------------------------------------------------------------------------------------
+# directions
+# ----------------------------------------------------------------------------------------------
+
+
+def direction(seed: int, index: int, n: int) -> torch.Tensor:
+    """Direction ``index`` of a sketch: complex Gaussian in C^n normalized to unit length.
+
+    Generated from (seed, index) alone, so any direction can be regenerated independently."""
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(index), 0x5E7C])))
+    z = rng.standard_normal(n) + 1j * rng.standard_normal(n)
+    z /= np.linalg.norm(z)
+    return torch.from_numpy(z.astype(np.complex128))
+
+
+def directions(seed: int, indices: Iterable[int], n: int) -> torch.Tensor:
+    return torch.stack([direction(seed, j, n) for j in indices])
+
+
+def weight_series(psi: torch.Tensor, degree: int) -> taylor.Series:
+    """``w = z psi`` as a Series of logical shape [n]: psi is [m, n] complex."""
+    m, n = psi.shape
+    c = torch.zeros(m, degree + 1, n, dtype=torch.complex128)
+    if degree >= 1:
+        c[:, 1] = psi
+    return taylor.variable(c)
+
+
+def ring_train(task: Task, w: taylor.Series, steps: Optional[int] = None, callback=None) -> dict:
+    """One ring run: train the task with series weights ``w`` (parameters start as constants)."""
+    params0 = {k: taylor.lift(v, w.degree) for k, v in task.init_params().items()}
+    with taylor.module_context():
+        return train(task, w=w, params=params0, steps=steps, callback=callback)
+
+
+def evaluate(task: Task, params: dict, query: Query) -> torch.Tensor:
+    """The value of an output on (possibly series-valued) parameters."""
+    with torch.no_grad():
+        out = query(params) if callable(query) else task.query(params, query)
+    if not isinstance(out, torch.Tensor) or out.dim() != 0:
+        raise ValueError("a query must return a 0-dim tensor")
+    return out
+
+
+def query_name(q: Query) -> str:
+    return q if isinstance(q, str) else getattr(q, "__name__", "query")
+
+
+# ----------------------------------------------------------------------------------------------
+# the exact series for one deletion set
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SeriesResult:
+    query: str
+    coefficients: list[float]  # real parts, degree 0 first
+    imag_max: float  # largest |imaginary part| (0 up to rounding for real deletions)
+    value_at_1: float  # sum of the coefficients: the degree-k prediction of f(W 1_D)
+    partial_sums: list[float]
+    weight: float
+    degree: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def exact_series(
+    task: Task,
+    delete: Sequence[int],
+    degree: int,
+    queries: Sequence[Query],
+    weight: float = 1.0,
+    steps: Optional[int] = None,
+    callback=None,
+) -> list[SeriesResult]:
+    """Exact Taylor coefficients of t -> f(t W 1_D) from one ring run with w = z W 1_D."""
+    v = torch.zeros(1, task.n, dtype=torch.complex128)
+    v[0, list(delete)] = weight
+    params = ring_train(task, weight_series(v, degree), steps=steps, callback=callback)
+    out = []
+    for q in queries:
+        c = taylor.coefficients(evaluate(task, params, q))[0]
+        re = c.real.tolist()
+        out.append(
+            SeriesResult(
+                query=query_name(q),
+                coefficients=re,
+                imag_max=float(c.imag.abs().max()),
+                value_at_1=float(sum(re)),
+                partial_sums=np.cumsum(re).tolist(),
+                weight=weight,
+                degree=degree,
+            )
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# storage helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    _atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def _complex_to_real(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t.contiguous())
+
+
+def _real_to_complex(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_complex(t.contiguous())
+
+
+def _chunk_name(i: int) -> str:
+    return f"chunk-{i:05d}.safetensors"
+
+
+def _versions() -> dict:
+    return {"delsketch": __version__, "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()}
+
+
+# ----------------------------------------------------------------------------------------------
+# precompute
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SketchConfig:
+    directions: int
+    degree: int
+    seed: int = 0
+    chunk: int = 16
+    steps: Optional[int] = None  # None = the whole schedule
+
+    def validate(self, task: Task) -> None:
+        if self.directions < 1:
+            raise ValueError(f"directions must be at least 1, got {self.directions}")
+        if not 1 <= self.degree <= 100:
+            raise ValueError(f"degree must lie in [1, 100], got {self.degree}")
+        if self.chunk < 1:
+            raise ValueError(f"chunk must be at least 1, got {self.chunk}")
+        if self.steps is not None and not 0 <= self.steps <= task.steps:
+            raise ValueError(f"steps must lie in [0, {task.steps}], got {self.steps}")
+
+
+def _manifest(task: Task, cfg: SketchConfig, chunks: dict, base_sha: Optional[str], task_spec: Optional[dict]) -> dict:
+    return {
+        "format": FORMAT,
+        "task": task.describe(),
+        "task_spec": task_spec,
+        "fingerprint": task.fingerprint(),
+        "n": task.n,
+        "steps": cfg.steps if cfg.steps is not None else task.steps,
+        "config": asdict(cfg),
+        "params": {k: list(v.shape) for k, v in task.init_params().items()},
+        "direction_generator": "numpy PCG64(SeedSequence([seed, index, 0x5E7C])), complex Gaussian, unit norm",
+        "versions": _versions(),
+        "base": base_sha,
+        "chunks": chunks,
+    }
+
+
+def precompute(
+    task: Task,
+    out: Union[str, Path],
+    directions: int,
+    degree: int,
+    seed: int = 0,
+    chunk: int = 16,
+    steps: Optional[int] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+    task_spec: Optional[dict] = None,
+    max_chunks: Optional[int] = None,
+) -> "Sketch":
+    """Build (or resume) a sketch in directory ``out``.
+
+    Directions are processed in chunks of ``chunk``; each chunk file is written atomically and recorded in
+    the manifest with its checksum, so an interrupted run resumes where it stopped. ``progress(done, total)``
+    is called after every training step with counts in direction-steps. ``task_spec`` (JSON) lets the CLI
+    rebuild the task on load. ``max_chunks`` stops after that many new chunks (for tests of resumption).
+    """
+    cfg = SketchConfig(directions=directions, degree=degree, seed=seed, chunk=chunk, steps=steps)
+    cfg.validate(task)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    mpath = out / "manifest.json"
+    chunks: dict[str, dict] = {}
+    base_sha = None
+    if mpath.exists():
+        old = _read_manifest(out)
+        mine = _manifest(task, cfg, {}, None, task_spec)
+        for key in ("format", "fingerprint", "config", "steps", "n"):
+            if old.get(key) != mine.get(key):
+                raise SketchError(
+                    f"{out} holds a different sketch ({key} differs); choose another --out or delete it"
+                )
+        chunks = old.get("chunks", {})
+        base_sha = old.get("base")
+        # drop chunk records whose files are missing or damaged: they will be recomputed
+        for name in list(chunks):
+            p = out / name
+            if not p.exists() or _sha256_file(p) != chunks[name]["sha256"]:
+                del chunks[name]
+    n_steps = cfg.steps if cfg.steps is not None else task.steps
+    starts = list(range(0, directions, chunk))
+    total = directions * n_steps
+    done = sum(chunks[_chunk_name(i)]["count"] for i in range(len(starts)) if _chunk_name(i) in chunks) * n_steps
+    if progress:
+        progress(done, total)
+    timings = {"chunks": {}}
+    tpath = out / "timings.json"
+    if tpath.exists():
+        try:
+            timings = json.loads(tpath.read_text())
+        except ValueError:
+            pass
+    new = 0
+    for ci, j0 in enumerate(starts):
+        name = _chunk_name(ci)
+        if name in chunks:
+            continue
+        if max_chunks is not None and new >= max_chunks:
+            break
+        idx = list(range(j0, min(j0 + chunk, directions)))
+        psi = directions_fn(seed, idx, task.n)
+        t0 = time.perf_counter()
+        base_done = done
+
+        def cb(s, loss, _b=base_done, _c=len(idx)):
+            if progress:
+                progress(_b + (s + 1) * _c, total)
+
+        params = ring_train(task, weight_series(psi, degree), steps=n_steps, callback=cb)
+        done += len(idx) * n_steps
+        tensors = {"psi": _complex_to_real(psi)}
+        base = {}
+        for k, v in params.items():
+            c = taylor.coefficients(v)
+            c = c.expand(len(idx), *c.shape[1:])
+            base[k] = c[0, 0].real.clone()
+            tensors[f"param.{k}"] = _complex_to_real(c[:, 1:])
+        bpath = out / "base.safetensors"
+        if base_sha is None:
+            _atomic_save_tensors(bpath, base, {"format": FORMAT})
+            base_sha = _sha256_file(bpath)
+        else:
+            stored = load_file(bpath)
+            for k in base:
+                if not torch.allclose(stored[k], base[k], rtol=1e-12, atol=1e-12):
+                    raise SketchError(f"degree-0 part of {k} differs between chunks: training is not deterministic")
+        cpath = out / name
+        _atomic_save_tensors(cpath, tensors, {"format": FORMAT, "first": str(j0), "count": str(len(idx))})
+        chunks[name] = {"first": j0, "count": len(idx), "sha256": _sha256_file(cpath)}
+        _write_json(mpath, _manifest(task, cfg, chunks, base_sha, task_spec))
+        timings["chunks"][name] = round(time.perf_counter() - t0, 3)
+        _write_json(tpath, timings)
+        new += 1
+    if not chunks:
+        _write_json(mpath, _manifest(task, cfg, chunks, base_sha, task_spec))
+    return Sketch.load(out, task)
+
+
+directions_fn = directions
+
+
+def _read_manifest(path: Path) -> dict:
+    mpath = Path(path) / "manifest.json"
+    if not mpath.exists():
+        raise SketchError(f"{path}: no sketch here (manifest.json not found)")
+    try:
+        man = json.loads(mpath.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SketchError(f"{mpath}: manifest is not valid JSON ({e.__class__.__name__})") from None
+    if not isinstance(man, dict) or man.get("format") != FORMAT:
+        raise SketchError(f"{mpath}: not a delsketch sketch manifest (format {man.get('format') if isinstance(man, dict) else None!r})")
+    return man
+
+
+# ----------------------------------------------------------------------------------------------
+# loading and prediction
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prediction:
+    query: str
+    estimate: float  # mean over directions of the degree-k estimate
+    base: float  # f(0): the trained model's value
+    change: float  # estimate - base
+    stderr: float  # standard error of the estimate over directions
+    median_of_means: float
+    delta: float  # failure probability of the median-of-means bound
+    terms: list[float]  # per-degree estimated Taylor terms, degree 0 first
+    term_stderr: list[float]
+    directions: int
+    degree: int
+    deletion_size: int
+    weight: float
+    safe_deletion_size: Optional[float] = None
+    warning: Optional[str] = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _log_binom(n: int, r: int) -> float:
+    return math.lgamma(n + r) - math.lgamma(r + 1) - math.lgamma(n)
+
+
+class Sketch:
+    """A stored sketch. ``Sketch.load(path, task)`` verifies checksums and that ``task`` matches."""
+
+    def __init__(self, path: Path, manifest: dict, task: Task):
+        self.path = Path(path)
+        self.manifest = manifest
+        self.task = task
+        self.n = manifest["n"]
+        self.degree = manifest["config"]["degree"]
+        self._cache: dict[str, torch.Tensor] = {}
+        self._psi: Optional[torch.Tensor] = None
+
+    # -- loading ----------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: Union[str, Path], task: Task) -> "Sketch":
+        path = Path(path)
+        man = _read_manifest(path)
+        fp = task.fingerprint()
+        if man.get("fingerprint") != fp:
+            raise SketchError(
+                f"{path}: sketch was built for other data or another config (fingerprint {str(man.get('fingerprint'))[:12]} != {fp[:12]})"
+            )
+        if not man.get("chunks"):
+            raise SketchError(f"{path}: sketch has no completed chunks; run the precompute again to resume")
+        cfg = man["config"]
+        covered = sorted((c["first"], c["count"]) for c in man["chunks"].values())
+        nxt = 0
+        for first, count in covered:
+            if first != nxt:
+                break
+            nxt += count
+        if nxt != cfg["directions"]:
+            warnings.warn(
+                f"{path}: sketch is incomplete ({nxt} of {cfg['directions']} directions); resume the precompute to finish it",
+                StabilityWarning,
+            )
+        files = ["base.safetensors"] + sorted(man["chunks"])
+        shas = [man["base"]] + [man["chunks"][c]["sha256"] for c in sorted(man["chunks"])]
+        for f, sha in zip(files, shas):
+            p = path / f
+            if not p.exists():
+                raise SketchError(f"{p}: file missing from the sketch")
+            if _sha256_file(p) != sha:
+                raise SketchError(f"{p}: checksum mismatch (file corrupted or truncated)")
+        return cls(path, man, task)
+
+    @property
+    def m(self) -> int:
+        return sum(c["count"] for c in self.manifest["chunks"].values())
+
+    def _chunk_files(self) -> list[Path]:
+        return [self.path / c for c in sorted(self.manifest["chunks"])]
+
+    def base_params(self) -> dict[str, torch.Tensor]:
+        return load_file(self.path / "base.safetensors")
+
+    def psi(self) -> torch.Tensor:
+        """All directions, [m, n] complex."""
+        if self._psi is None:
+            self._psi = torch.cat([_real_to_complex(load_file(p)["psi"]) for p in self._chunk_files()])
+        return self._psi
+
+    def chunk_params(self) -> Iterable[dict[str, taylor.Series]]:
+        base = self.base_params()
+        for p in self._chunk_files():
+            t = load_file(p)
+            out = {}
+            for k, b in base.items():
+                hi = _real_to_complex(t[f"param.{k}"])
+                c = torch.cat([b.to(torch.complex128).expand(hi.shape[0], 1, *b.shape), hi], dim=1)
+                out[k] = taylor.variable(c)
+            yield out
+
+    def coefficients(self, query: Query) -> torch.Tensor:
+        """c_r(psi_j) of an output for every direction: [m, K] complex."""
+        key = query if isinstance(query, str) else None
+        if key is not None and key in self._cache:
+            return self._cache[key]
+        parts = []
+        for params in self.chunk_params():
+            with taylor.module_context():
+                c = taylor.coefficients(evaluate(self.task, params, query))
+            parts.append(c.expand(next(iter(params.values())).m, *c.shape[1:]))
+        out = torch.cat(parts)
+        if key is not None:
+            self._cache[key] = out
+        return out
+
+    # -- estimates --------------------------------------------------------------------------------
+    def _scale(self) -> torch.Tensor:
+        """C(n+r-1, r) for r = 0..k."""
+        return torch.tensor([math.exp(_log_binom(self.n, r)) for r in range(self.degree + 1)], dtype=torch.float64)
+
+    def per_direction_terms(self, query: Query, deletions: torch.Tensor) -> torch.Tensor:
+        """Unbiased per-direction estimates of each degree's Taylor term.
+
+        ``deletions``: [S, n] real (weights W 1_D per set). Returns [S, m, K] real."""
+        c = self.coefficients(query)  # [m, K]
+        s = deletions.to(torch.complex128) @ self.psi().conj().T  # [S, m]
+        r = torch.arange(self.degree + 1)
+        powers = s[..., None] ** r  # [S, m, K]
+        return (self._scale() * c[None] * powers).real
+
+    def predict(
+        self,
+        queries: Union[Query, Sequence[Query]],
+        delete: Union[Sequence[int], Sequence[Sequence[int]]],
+        weight: float = 1.0,
+        delta: float = 0.05,
+        degree: Optional[int] = None,
+        tolerance: float = 0.05,
+    ) -> Union[Prediction, list]:
+        """Predict outputs after deleting D (weight W: 1 deletes, 0<W<1 downweights, W<0 upweights).
+
+        ``queries``: one query or a list; ``delete``: one index list or a list of index lists. Returns a
+        Prediction, or nested lists [query][set] when lists were given."""
+        single_q = isinstance(queries, str) or callable(queries)
+        qs = [queries] if single_q else list(queries)
+        single_d = len(delete) == 0 or not isinstance(delete[0], (list, tuple, range, np.ndarray, torch.Tensor))
+        sets = [list(delete)] if single_d else [list(d) for d in delete]
+        k = self.degree if degree is None else degree
+        if not 0 <= k <= self.degree:
+            raise ValueError(f"degree must lie in [0, {self.degree}]")
+        D = torch.zeros(len(sets), self.n, dtype=torch.float64)
+        for i, d in enumerate(sets):
+            if len(d) == 0:
+                raise ValueError("empty deletion set")
+            for j in d:
+                if not 0 <= int(j) < self.n:
+                    raise ValueError(f"deletion index {j} outside [0, {self.n})")
+            D[i, list(map(int, d))] = weight
+        out = []
+        for q in qs:
+            terms = self.per_direction_terms(q, D)[..., : k + 1]  # [S, m, K]
+            stab = self.stability(q)
+            row = []
+            for i, d in enumerate(sets):
+                t = terms[i]
+                est = t.sum(-1)  # [m]
+                m = est.shape[0]
+                se = float(est.std(unbiased=True) / math.sqrt(m)) if m > 1 else float("nan")
+                mom = median_of_means(est, delta)
+                base = float(t[0, 0])
+                size = len(set(map(int, d)))
+                safe = stab.get("safe_deletion_size")
+                warn = None
+                eff = size * weight * weight
+                if safe is not None and eff > safe:
+                    warn = (
+                        f"deletion of {size} examples (weight {weight}) exceeds the size the stability diagnostics "
+                        f"consider safe ({safe:.3g}); the truncated series may be inaccurate"
+                    )
+                    warnings.warn(warn, StabilityWarning)
+                row.append(
+                    Prediction(
+                        query=query_name(q),
+                        estimate=float(est.mean()),
+                        base=base,
+                        change=float(est.mean()) - base,
+                        stderr=se,
+                        median_of_means=mom,
+                        delta=delta,
+                        terms=t.mean(0).tolist(),
+                        term_stderr=(t.std(0, unbiased=True) / math.sqrt(m)).tolist() if m > 1 else [float("nan")] * (k + 1),
+                        directions=m,
+                        degree=k,
+                        deletion_size=size,
+                        weight=weight,
+                        safe_deletion_size=safe,
+                        warning=warn,
+                    )
+                )
+            out.append(row)
+        if single_q and single_d:
+            return out[0][0]
+        if single_d:
+            return [r[0] for r in out]
+        if single_q:
+            return out[0]
+        return out
+
+    def effects(self, queries: Sequence[Query], weight: float = 1.0, degree: Optional[int] = None) -> torch.Tensor:
+        """Predicted change of every output when each single training example is deleted: [n, len(queries)]."""
+        k = self.degree if degree is None else degree
+        psi_c = self.psi().conj()  # [m, n]
+        scale = self._scale()
+        cols = []
+        for q in queries:
+            c = self.coefficients(q)  # [m, K]
+            tot = torch.zeros(self.n, dtype=torch.float64)
+            for r in range(1, k + 1):
+                tot += (scale[r] * (c[:, r : r + 1] * (weight * psi_c) ** r)).real.mean(0)
+            cols.append(tot)
+        return torch.stack(cols, dim=1)
+
+    def stability(self, query: Query, tolerance: float = 0.05, confidence: float = 0.95) -> dict:
+        return stability_report(self.coefficients(query), self.n, tolerance=tolerance, confidence=confidence)
+
+
+def median_of_means(x: torch.Tensor, delta: float) -> float:
+    """Median of g group means, g = ceil(8 ln(1/delta)) capped by the sample size (Lugosi & Mendelson)."""
+    m = x.shape[0]
+    g = max(1, min(m, math.ceil(8 * math.log(1 / delta))))
+    groups = torch.tensor_split(x, g)
+    means = torch.stack([gr.mean() for gr in groups])
+    return float(means.median())
+
+
+def stability_report(c: torch.Tensor, n: int, tolerance: float = 0.05, confidence: float = 0.95) -> dict:
+    """Per-degree size estimates of the Taylor term tensors from sketch coefficients c [m, K].
+
+    For psi uniform on the complex sphere, E|c_r|^2 C(n+r-1, r) is a norm of the degree-r Taylor term
+    (the paper's figure-1 estimate). The report gives, per degree r >= 1, log2 of the root-mean-square
+    estimate with a bootstrap confidence interval, the fitted per-degree decay factor rho
+    (size_r ~ A rho^r), a verdict, and the largest number of deleted examples |D| for which the
+    estimated truncation error bound sum_{r>k} A (rho sqrt|D|)^r stays below ``tolerance``."""
+    m, K = c.shape
+    k = K - 1
+    rows = []
+    logs = []
+    gen = torch.Generator().manual_seed(12345)
+    for r in range(1, K):
+        scale = math.exp(_log_binom(n, r))
+        a2 = (c[:, r].abs() ** 2) * scale
+        est = float(a2.mean().sqrt())
+        if m > 1:
+            boot = a2[torch.randint(0, m, (200, m), generator=gen)].mean(1).sqrt()
+            lo, hi = torch.quantile(boot, torch.tensor([(1 - confidence) / 2, 1 - (1 - confidence) / 2], dtype=boot.dtype)).tolist()
+        else:
+            lo = hi = est
+        per_dir = (a2.sqrt()).clamp_min(1e-300).log2().tolist()
+        rows.append({"degree": r, "log2_size": math.log2(max(est, 1e-300)), "log2_lo": math.log2(max(lo, 1e-300)), "log2_hi": math.log2(max(hi, 1e-300)), "log2_per_direction": per_dir})
+        logs.append(math.log(max(est, 1e-300)))
+    report: dict[str, Any] = {"degrees": rows, "directions": m, "n": n, "tolerance": tolerance}
+    if k >= 2:
+        rs = np.arange(1, K)
+        slope, intercept = np.polyfit(rs, np.array(logs), 1)
+        rho = float(math.exp(slope))
+        A = float(math.exp(intercept))
+        report["decay_per_degree"] = rho
+        report["log2_decay_per_degree"] = float(slope / math.log(2))
+        # largest |D| with bound sum_{r>k} A x^r < tol, x = rho sqrt(|D|) < 1
+        def bound(size):
+            x = rho * math.sqrt(size)
+            if x >= 1:
+                return math.inf
+            return A * x ** (k + 1) / (1 - x)
+
+        lo_s, hi_s = 0.0, 1.0 / (rho * rho) if rho > 0 else float(n)
+        if bound(lo_s + 1e-12) >= tolerance:
+            safe = 0.0
+        else:
+            for _ in range(100):
+                mid = 0.5 * (lo_s + hi_s)
+                if bound(mid) < tolerance:
+                    lo_s = mid
+                else:
+                    hi_s = mid
+            safe = lo_s
+        report["safe_deletion_size"] = float(min(safe, n))
+        if rho < 1 and slope < 0:
+            verdict = "stable: Taylor terms decay geometrically"
+        elif rho < 1.0 + 1e-9:
+            verdict = "marginal: Taylor terms do not clearly decay"
+        else:
+            verdict = "unstable: Taylor terms grow with degree; predictions are unreliable"
+        report["verdict"] = verdict
+    else:
+        report["decay_per_degree"] = None
+        report["safe_deletion_size"] = None
+        report["verdict"] = "unknown: degree 1 sketches cannot show decay"
+    return report
