@@ -34,6 +34,15 @@ def reference_dir() -> Path:
     return REFERENCE
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread_for_the_session():
+    """Tiny tensors everywhere: one intra-op thread is faster and immune to the stalls described below."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """Run a test module with one intra-op thread.

@@ -298,6 +298,25 @@ def test_complex_identities(mode):
     close(d(R.erf(a)), R.mul(d(a), (2 / math.sqrt(math.pi)) * R.exp(-R.mul(a, a))[:, : K - 1]), "erf'")
 
 
+def test_negative_real_degree0_principal_branch(mode):
+    """log / sqrt / fractional powers of a series with real negative degree-0 coefficients."""
+    gen = torch.Generator().manual_seed(23)
+    K = 6
+    x = path_coeffs(gen, M, K, SHAPE, -2.0, -0.5)
+    a = cs(x)
+    e = one(K, SHAPE).expand_as(a)
+    lg = R.log(a)
+    assert torch.allclose(lg[:, 0].imag, torch.full_like(x[:, 0], math.pi), rtol=0, atol=1e-15)
+    assert_series_close(R.exp(lg), a, 1e-12, "exp(log a)")
+    # log(a) = log(-a) + i pi, with -a handled on the real shortcut path
+    assert_series_close(lg, R.log(-a) + 1j * math.pi * e, 1e-12, "log(-a)")
+    sq = R.sqrt(a)
+    assert_series_close(sq, 1j * R.sqrt(-a), 1e-12, "sqrt(-a)")
+    assert_series_close(R.mul(sq, sq), a, 1e-12, "sqrt^2")
+    assert_series_close(R.mul(R.mul(R.rsqrt(a), R.rsqrt(a)), a), e, 1e-12, "rsqrt", floor=1.0)
+    assert_series_close(R.pow(a, 0.3), R.exp(0.3 * R.log(a)), 1e-12, "pow 0.3")
+
+
 def test_complex_bilinear_and_mul():
     gen = torch.Generator().manual_seed(22)
     K = 6

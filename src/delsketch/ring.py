@@ -131,6 +131,23 @@ def _check_nonzero0(a: torch.Tensor, name: str, what: str = "") -> None:
         )
 
 
+def _apply0(x: torch.Tensor, *fns, positive: bool = False) -> tuple:
+    """Functions ``fns`` of degree-0 coefficients x, real on the real axis.
+
+    When x is complex with zero imaginary part -- the common case: the engine's
+    degree-0 coefficients are the plain run -- they are evaluated on the real
+    part, 5-10x faster than complex exp/tanh/sqrt/... on CPU.  ``positive``:
+    the functions are real only on the positive real axis (log, powers), so
+    the shortcut also needs x > 0.
+    """
+    if x.is_complex():
+        off = (x.imag != 0) | (x.real <= 0) if positive else x.imag != 0
+        if not bool(off.any()):
+            xr = x.real
+            return tuple(f(xr).to(x.dtype) for f in fns)
+    return tuple(f(x) for f in fns)
+
+
 def _use_loop(K: int, u: torch.Tensor) -> bool:
     return K <= _LOOP_MAX_K or u[:, 0].numel() > _VEC_MAX_NUMEL
 
@@ -223,14 +240,34 @@ def rescale(a: torch.Tensor, s) -> torch.Tensor:
 # products
 
 
+def _mul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """out <- Cauchy product of rank-aligned a, b (out has the full broadcast shape)."""
+    K = a.shape[1]
+    torch.mul(a[:, 0:1], b, out=out)
+    for j in range(1, K):
+        out[:, j:].addcmul_(a[:, j : j + 1], b[:, : K - j])
+    return out
+
+
 def mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Cauchy product c_k = sum_{j<=k} a_j b_{k-j}, broadcasting over m and shape."""
     a, b = _align(a, b, "mul")
+    out = torch.empty(_bshape(a, b), dtype=torch.result_type(a, b), device=a.device)
+    return _mul_into(out, a, b)
+
+
+def _square(a: torch.Tensor) -> torch.Tensor:
+    """mul(a, a) using the symmetry of the Cauchy product (about half the work)."""
     K = a.shape[1]
-    c = a[:, 0:1] * b  # already the full broadcast shape
-    for j in range(1, K):
-        c[:, j:].addcmul_(a[:, j : j + 1], b[:, : K - j])
-    return c
+    out = torch.empty_like(a)
+    h = (K + 1) // 2
+    torch.mul(a[:, :h], a[:, :h], out=out[:, 0::2])  # diagonal terms a_i^2 -> c_{2i}
+    if K > 1:
+        out[:, 1::2].zero_()
+    for i in range(h):
+        if 2 * i + 1 < K:  # 2 a_i a_l -> c_{i+l} for l > i
+            out[:, 2 * i + 1 :].addcmul_(a[:, i : i + 1], a[:, i + 1 : K - i], value=2.0)
+    return out
 
 
 def bilinear(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -318,16 +355,15 @@ def _int_pow(a: torch.Tensor, n: int) -> torch.Tensor:
         n >>= 1
         if not n:
             break
-        base = mul(base, base)
+        base = _square(base)
     return result.clone() if result is a else result
 
 
-def _pow(u: torch.Tensor, r: float, name: str, v0: torch.Tensor | None = None) -> torch.Tensor:
-    """u**r for u_0 != 0 (checked by the caller) by the power recurrence."""
+def _pow(u: torch.Tensor, r: float, f0=None) -> torch.Tensor:
+    """u**r for u_0 != 0 (checked by the caller) by the power recurrence; f0: u_0 -> u_0**r."""
     K = u.shape[1]
     u0 = u[:, 0]
-    if v0 is None:
-        v0 = torch.pow(u0, r)
+    (v0,) = _apply0(u0, f0 or (lambda x: torch.pow(x, r)), positive=True)
     v = _new_like0(u, v0)
     if K == 1:
         return v
@@ -358,21 +394,21 @@ def pow(a: torch.Tensor, r: float) -> torch.Tensor:
     _check_nonzero0(a, "pow", f" and the exponent {r:g} is not a non-negative integer")
     if r == -1.0:
         return reciprocal(a)
-    return _pow(a, r, "pow")
+    return _pow(a, r)
 
 
 def sqrt(a: torch.Tensor) -> torch.Tensor:
     """a**0.5 (principal branch)."""
     _check_series(a, "sqrt")
     _check_nonzero0(a, "sqrt")
-    return _pow(a, 0.5, "sqrt", torch.sqrt(a[:, 0]))
+    return _pow(a, 0.5, torch.sqrt)
 
 
 def rsqrt(a: torch.Tensor) -> torch.Tensor:
     """a**-0.5 (principal branch)."""
     _check_series(a, "rsqrt")
     _check_nonzero0(a, "rsqrt")
-    return _pow(a, -0.5, "rsqrt", torch.rsqrt(a[:, 0]))
+    return _pow(a, -0.5, torch.rsqrt)
 
 
 # ---------------------------------------------------------------------------
@@ -382,9 +418,18 @@ def rsqrt(a: torch.Tensor) -> torch.Tensor:
 def exp(a: torch.Tensor) -> torch.Tensor:
     """exp(a): v_k = (1/k) sum_{j=1..k} j a_j v_{k-j}."""
     _check_series(a, "exp")
+    return _exp(a, 1.0)
+
+
+def _exp(a: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * exp(a) (the recurrence is linear in v, so the factor goes into v_0 only)."""
     K = a.shape[1]
     v = torch.empty_like(a)
-    v[:, 0] = torch.exp(a[:, 0])
+    (v0,) = _apply0(a[:, 0], torch.exp)
+    if scale != 1.0:
+        v0.mul_(scale)
+    v[:, 0] = v0
+    del v0
     if K == 1:
         return v
     if _use_loop(K, a):
@@ -403,7 +448,7 @@ def log(a: torch.Tensor) -> torch.Tensor:
     _check_nonzero0(a, "log")
     K = a.shape[1]
     v = torch.empty_like(a)
-    v[:, 0] = torch.log(a[:, 0])
+    (v[:, 0],) = _apply0(a[:, 0], torch.log, positive=True)
     if K == 1:
         return v
     inv0 = 1.0 / a[:, 0]
@@ -448,11 +493,14 @@ def compose(u: torch.Tensor, f0: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     if g.shape[1] < K - 1:
         raise ValueError(f"compose: g has {g.shape[1]} coefficients, need {K - 1}")
     du = u[:, 1:] * _arange_col(K, u, 1)  # du_i = (i+1) u_{i+1}
-    p = mul(du, g[:, : K - 1])
-    p.mul_(1.0 / _arange_col(K, p, 1))
-    v = torch.empty((p.shape[0], K) + tuple(p.shape[2:]), dtype=torch.result_type(p, f0), device=p.device)
+    du, g = _align(du, g[:, : K - 1], "compose")
+    full = _bshape(du, g)
+    v = torch.empty(
+        (full[0], K) + full[2:], dtype=torch.promote_types(torch.result_type(du, g), f0.dtype), device=u.device
+    )
     v[:, 0] = f0
-    v[:, 1:] = p
+    p = _mul_into(v[:, 1:], du, g)
+    p.mul_(1.0 / _arange_col(K, p, 1))
     return v
 
 
@@ -522,12 +570,9 @@ def _erfc0(x: torch.Tensor) -> torch.Tensor:
 
 def _neg_half_sq_exp(u: torch.Tensor, c: float, scale: float) -> torch.Tensor:
     """scale * exp(-c u^2) with K-1 coefficients (all that compose needs)."""
-    ut = u[:, : u.shape[1] - 1]
-    s = mul(ut, ut)
+    s = _square(u[:, : u.shape[1] - 1])
     s.mul_(-c)
-    e = exp(s)
-    e.mul_(scale)
-    return e
+    return _exp(s, scale)
 
 
 def erf(a: torch.Tensor) -> torch.Tensor:
@@ -549,17 +594,17 @@ def _ndtr(a: torch.Tensor) -> torch.Tensor:
 def tanh(a: torch.Tensor) -> torch.Tensor:
     """tanh(a): tanh' = 1 - tanh^2."""
     _check_series(a, "tanh")
-    a0 = a[:, 0]
-    g0 = torch.cosh(a0).reciprocal().square()  # 1 - tanh^2 without cancellation
-    return _riccati(a, torch.tanh(a0), g0, 0.0)
+    # g0 = 1 - tanh^2 = 1/cosh^2, without cancellation
+    v0, g0 = _apply0(a[:, 0], torch.tanh, lambda x: torch.cosh(x).reciprocal_().square_())
+    return _riccati(a, v0, g0, 0.0)
 
 
 def sigmoid(a: torch.Tensor) -> torch.Tensor:
     """sigmoid(a) = 1/(1+exp(-a)): sigmoid' = s - s^2."""
     _check_series(a, "sigmoid")
-    a0 = a[:, 0]
-    s0 = torch.sigmoid(a0)
-    return _riccati(a, s0, s0 * torch.sigmoid(-a0), 1.0)
+    # g0 = s(1 - s) = s(x) s(-x), without cancellation
+    s0, g0 = _apply0(a[:, 0], torch.sigmoid, lambda x: torch.sigmoid(x).mul_(torch.sigmoid(-x)))
+    return _riccati(a, s0, g0, 1.0)
 
 
 def _softplus0(x: torch.Tensor) -> torch.Tensor:
@@ -572,7 +617,7 @@ def softplus(a: torch.Tensor) -> torch.Tensor:
     """softplus(a) = log(1 + exp(a)): softplus' = sigmoid."""
     _check_series(a, "softplus")
     K = a.shape[1]
-    f0 = _softplus0(a[:, 0])
+    (f0,) = _apply0(a[:, 0], _softplus0)
     if K == 1:
         return _new_like0(a, f0)
     return compose(a, f0, sigmoid(a[:, : K - 1]))
@@ -591,7 +636,7 @@ def gelu_tanh(a: torch.Tensor) -> torch.Tensor:
     without the cancellation in 1 + tanh for a_0 << 0.
     """
     _check_series(a, "gelu_tanh")
-    a3 = mul(a, mul(a, a))
+    a3 = mul(a, _square(a))
     inner = a3.mul_(0.044715).add_(a).mul_(2.0 * _GELU_TANH_C)
     return mul(a, sigmoid(inner))
 
