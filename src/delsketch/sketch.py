@@ -181,7 +181,9 @@ def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, tmp, metadata=metadata)
+        # one metadata key: safetensors orders several keys nondeterministically, which breaks byte identity
+        meta = {"delsketch": json.dumps(metadata, sort_keys=True)}
+        save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, tmp, metadata=meta)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -605,67 +607,93 @@ def median_of_means(x: torch.Tensor, delta: float) -> float:
     return float(means.median())
 
 
-def stability_report(c: torch.Tensor, n: int, tolerance: float = 0.05, confidence: float = 0.95) -> dict:
-    """Per-degree size estimates of the Taylor term tensors from sketch coefficients c [m, K].
+def _safe_size(A: float, rho: float, k: int, n: int, tolerance: float) -> float:
+    """Largest s with sum_{r>k} A (rho sqrt(s))^r < tolerance (0 if none, n at most)."""
 
-    For psi uniform on the complex sphere, E|c_r|^2 C(n+r-1, r) is a norm of the degree-r Taylor term
-    (the paper's figure-1 estimate). The report gives, per degree r >= 1, log2 of the root-mean-square
-    estimate with a bootstrap confidence interval, the fitted per-degree decay factor rho
-    (size_r ~ A rho^r), a verdict, and the largest number of deleted examples |D| for which the
-    estimated truncation error bound sum_{r>k} A (rho sqrt|D|)^r stays below ``tolerance``."""
+    def bound(size):
+        x = rho * math.sqrt(size)
+        if x >= 1:
+            return math.inf
+        return A * x ** (k + 1) / (1 - x)
+
+    if rho <= 0:
+        return float(n)
+    lo, hi = 0.0, min(float(n), 1.0 / (rho * rho))
+    if bound(hi * (1 - 1e-12)) < tolerance:
+        return hi
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if bound(mid) < tolerance:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def stability_report(c: torch.Tensor, n: int, tolerance: float = 0.05, confidence: float = 0.95) -> dict:
+    """Per-degree size estimates of the Taylor terms from sketch coefficients c [m, K].
+
+    For psi uniform on the complex unit sphere, C(n+r-1, r) E|c_r|^2 = ||T_r||^2 (the Frobenius norm of the
+    symmetric degree-r Taylor tensor, up to the symmetric normalization): the paper's figure-1 estimate, reported
+    per degree as log2 with a bootstrap confidence interval and per direction.
+
+    Two deletion-size limits follow from a geometric fit size_r ~ A rho^r and a tolerance on the truncation
+    error sum_{r>k} of the dropped terms, for a deletion vector v = W 1_D with ||v||^2 = W^2 |D|:
+
+    * ``safe_deletion_size`` (typical case): terms of size RMS(c_r) ||v||^r, which is exactly the RMS term
+      size along a uniformly random direction of that norm;
+    * ``safe_deletion_size_worst_case``: terms bounded by ||T_r|| ||v||^r (Cauchy-Schwarz), valid for every D
+      but loose.
+
+    ``predict`` warns when W^2 |D| exceeds the typical-case limit."""
     m, K = c.shape
     k = K - 1
     rows = []
-    logs = []
+    log_norm, log_rms = [], []
     gen = torch.Generator().manual_seed(12345)
+    lo_q, hi_q = (1 - confidence) / 2, 1 - (1 - confidence) / 2
     for r in range(1, K):
         scale = math.exp(_log_binom(n, r))
-        a2 = (c[:, r].abs() ** 2) * scale
-        est = float(a2.mean().sqrt())
+        a2 = c[:, r].abs() ** 2
+        rms = float(a2.mean().sqrt())
+        est = rms * math.sqrt(scale)
         if m > 1:
-            boot = a2[torch.randint(0, m, (200, m), generator=gen)].mean(1).sqrt()
-            lo, hi = torch.quantile(boot, torch.tensor([(1 - confidence) / 2, 1 - (1 - confidence) / 2], dtype=boot.dtype)).tolist()
+            boot = (a2[torch.randint(0, m, (400, m), generator=gen)].mean(1) * scale).sqrt()
+            lo, hi = torch.quantile(boot, torch.tensor([lo_q, hi_q], dtype=boot.dtype)).tolist()
         else:
             lo = hi = est
-        per_dir = (a2.sqrt()).clamp_min(1e-300).log2().tolist()
-        rows.append({"degree": r, "log2_size": math.log2(max(est, 1e-300)), "log2_lo": math.log2(max(lo, 1e-300)), "log2_hi": math.log2(max(hi, 1e-300)), "log2_per_direction": per_dir})
-        logs.append(math.log(max(est, 1e-300)))
-    report: dict[str, Any] = {"degrees": rows, "directions": m, "n": n, "tolerance": tolerance}
+        per_dir = ((a2 * scale).sqrt()).clamp_min(1e-300).log2().tolist()
+        rows.append({
+            "degree": r,
+            "log2_size": math.log2(max(est, 1e-300)),
+            "log2_lo": math.log2(max(lo, 1e-300)),
+            "log2_hi": math.log2(max(hi, 1e-300)),
+            "rms_coefficient": rms,
+            "log2_per_direction": per_dir,
+        })
+        log_norm.append(math.log(max(est, 1e-300)))
+        log_rms.append(math.log(max(rms, 1e-300)))
+    report: dict[str, Any] = {"degrees": rows, "directions": m, "n": n, "degree": k, "tolerance": tolerance}
     if k >= 2:
         rs = np.arange(1, K)
-        slope, intercept = np.polyfit(rs, np.array(logs), 1)
+        slope, intercept = np.polyfit(rs, np.array(log_norm), 1)
+        slope_t, intercept_t = np.polyfit(rs, np.array(log_rms), 1)
         rho = float(math.exp(slope))
-        A = float(math.exp(intercept))
         report["decay_per_degree"] = rho
         report["log2_decay_per_degree"] = float(slope / math.log(2))
-        # largest |D| with bound sum_{r>k} A x^r < tol, x = rho sqrt(|D|) < 1
-        def bound(size):
-            x = rho * math.sqrt(size)
-            if x >= 1:
-                return math.inf
-            return A * x ** (k + 1) / (1 - x)
-
-        lo_s, hi_s = 0.0, 1.0 / (rho * rho) if rho > 0 else float(n)
-        if bound(lo_s + 1e-12) >= tolerance:
-            safe = 0.0
-        else:
-            for _ in range(100):
-                mid = 0.5 * (lo_s + hi_s)
-                if bound(mid) < tolerance:
-                    lo_s = mid
-                else:
-                    hi_s = mid
-            safe = lo_s
-        report["safe_deletion_size"] = float(min(safe, n))
-        if rho < 1 and slope < 0:
+        report["safe_deletion_size"] = _safe_size(math.exp(intercept_t), math.exp(slope_t), k, n, tolerance)
+        report["safe_deletion_size_worst_case"] = _safe_size(math.exp(intercept), rho, k, n, tolerance)
+        if rho < 0.9:
             verdict = "stable: Taylor terms decay geometrically"
-        elif rho < 1.0 + 1e-9:
+        elif rho <= 1.1:
             verdict = "marginal: Taylor terms do not clearly decay"
         else:
             verdict = "unstable: Taylor terms grow with degree; predictions are unreliable"
         report["verdict"] = verdict
     else:
         report["decay_per_degree"] = None
+        report["log2_decay_per_degree"] = None
         report["safe_deletion_size"] = None
-        report["verdict"] = "unknown: degree 1 sketches cannot show decay"
+        report["safe_deletion_size_worst_case"] = None
+        report["verdict"] = "unknown: a degree-1 sketch cannot show decay"
     return report
