@@ -14,17 +14,15 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 import click
-import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    help="Predict what a trained model would do had it never seen some training examples.",
-)
+@click.group(help="Predict what a trained model would do had it never seen some training examples.")
+@click.version_option(package_name="delsketch")
+def app():
+    pass
+
 out = Console()
 err = Console(stderr=True)
 
@@ -141,24 +139,26 @@ def fmt(x: float) -> str:
 # commands
 # ----------------------------------------------------------------------------------------------
 
-PresetOpt = typer.Option(..., "--preset", help="paper | names | digits")
-DataOpt = typer.Option(None, "--data", help="data file (required by the paper preset: names.txt)")
-StepsOpt = typer.Option(None, "--steps", help="run only the first N steps of the preset's schedule")
-JsonOpt = typer.Option(False, "--json", help="print JSON instead of a table")
+def preset_options(f):
+    f = click.option("--steps", type=int, default=None, help="run only the first N steps of the preset's schedule")(f)
+    f = click.option("--data", default=None, help="data file (required by the paper preset: names.txt)")(f)
+    f = click.option("--preset", required=True, help="paper | names | digits")(f)
+    return f
+
+
+json_option = click.option("--json", "json_out", is_flag=True, help="print JSON instead of a table")
+query_option = click.option("--query", "query", multiple=True, help="output to evaluate (repeatable)")
 
 
 @app.command()
-def sketch(
-    preset: str = PresetOpt,
-    data: Optional[str] = DataOpt,
-    steps: Optional[int] = StepsOpt,
-    directions: int = typer.Option(..., "--directions", help="number of random directions m"),
-    degree: int = typer.Option(..., "--degree", help="truncation degree k"),
-    out_dir: str = typer.Option(..., "--out", help="sketch directory (resumed if it holds a partial sketch)"),
-    seed: int = typer.Option(0, "--seed"),
-    chunk: int = typer.Option(16, "--chunk", help="directions per chunk (unit of work and of resumption)"),
-    json_out: bool = JsonOpt,
-):
+@preset_options
+@click.option("--directions", type=int, required=True, help="number of random directions m")
+@click.option("--degree", type=int, required=True, help="truncation degree k")
+@click.option("--out", "out_dir", required=True, help="sketch directory (resumed if it holds a partial sketch)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--chunk", type=int, default=16, show_default=True, help="directions per chunk (unit of work and of resumption)")
+@json_option
+def sketch(preset, data, steps, directions, degree, out_dir, seed, chunk, json_out):
     """Precompute a deletion sketch: m ring training runs at degree k."""
     from .sketch import precompute
 
@@ -197,20 +197,19 @@ def load_sketch(path: str):
 
 
 @app.command()
-def predict(
-    sketch_dir: str = typer.Argument(..., help="sketch directory"),
-    delete: str = typer.Option(..., "--delete", help="SPEC: 0:10,15 | @file | contains:x | class:3"),
-    weight: float = typer.Option(1.0, "--weight", help="1 deletes; 0<W<1 downweights; W<0 upweights (-1 = counted twice)"),
-    query: List[str] = typer.Option([], "--query", help="output to predict (repeatable)"),
-    delta: float = typer.Option(0.05, "--delta", help="failure probability of the median-of-means estimate"),
-    json_out: bool = JsonOpt,
-):
+@click.argument("sketch_dir")
+@click.option("--delete", required=True, help="SPEC: 0:10,15 | @file | contains:x | class:3")
+@click.option("--weight", type=float, default=1.0, show_default=True, help="1 deletes; 0<W<1 downweights; W<0 upweights (-1 = counted twice)")
+@query_option
+@click.option("--delta", type=float, default=0.05, show_default=True, help="failure probability of the median-of-means estimate")
+@json_option
+def predict(sketch_dir, delete, weight, query, delta, json_out):
     """Predict outputs after deleting (or reweighting) a set of training examples."""
     if not 0 < delta < 1:
         raise CliError("--delta must lie in (0, 1)")
     sk = load_sketch(sketch_dir)
     idx = parse_spec(delete, sk.task)
-    qs = check_queries(sk.task, query)
+    qs = check_queries(sk.task, list(query))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         preds = sk.predict(qs, idx, weight=weight, delta=delta)
@@ -229,22 +228,19 @@ def predict(
 
 
 @app.command()
-def retrain(
-    preset: str = PresetOpt,
-    data: Optional[str] = DataOpt,
-    steps: Optional[int] = StepsOpt,
-    delete: str = typer.Option(..., "--delete"),
-    weight: float = typer.Option(1.0, "--weight"),
-    query: List[str] = typer.Option([], "--query"),
-    json_out: bool = JsonOpt,
-):
+@preset_options
+@click.option("--delete", required=True, help="SPEC: 0:10,15 | @file | contains:x | class:3")
+@click.option("--weight", type=float, default=1.0, show_default=True)
+@query_option
+@json_option
+def retrain(preset, data, steps, delete, weight, query, json_out):
     """Ground truth: retrain for real with the deletion applied and evaluate the outputs."""
     from .run import deletion_weights, train
     from .sketch import evaluate
 
     task = build_task(preset, data, steps)
     idx = parse_spec(delete, task)
-    qs = check_queries(task, query)
+    qs = check_queries(task, list(query))
     with progress_bar("train") as bar:
         tid = bar.add_task("train", total=2 * task.steps)
         cb = lambda s, loss: bar.advance(tid)
@@ -267,16 +263,13 @@ def retrain(
 
 
 @app.command()
-def series(
-    preset: str = PresetOpt,
-    data: Optional[str] = DataOpt,
-    steps: Optional[int] = StepsOpt,
-    delete: str = typer.Option(..., "--delete"),
-    degree: int = typer.Option(..., "--degree"),
-    weight: float = typer.Option(1.0, "--weight"),
-    query: List[str] = typer.Option([], "--query"),
-    json_out: bool = JsonOpt,
-):
+@preset_options
+@click.option("--delete", required=True, help="SPEC: 0:10,15 | @file | contains:x | class:3")
+@click.option("--degree", type=int, required=True)
+@click.option("--weight", type=float, default=1.0, show_default=True)
+@query_option
+@json_option
+def series(preset, data, steps, delete, degree, weight, query, json_out):
     """Exact Taylor series of t -> output(t W 1_D) from one ring run (no sketch variance)."""
     from .sketch import exact_series
 
@@ -284,7 +277,7 @@ def series(
         raise CliError("--degree must lie in [1, 100]")
     task = build_task(preset, data, steps)
     idx = parse_spec(delete, task)
-    qs = check_queries(task, query)
+    qs = check_queries(task, list(query))
     with progress_bar("ring run") as bar:
         tid = bar.add_task("ring run", total=task.steps)
         res = exact_series(task, idx, degree, qs, weight=weight, callback=lambda s, l: bar.advance(tid))
@@ -303,13 +296,12 @@ def series(
 
 
 @app.command()
-def stability(
-    sketch_dir: str = typer.Argument(...),
-    query: List[str] = typer.Option([], "--query", help="outputs to diagnose (default: the preset's default queries)"),
-    tolerance: float = typer.Option(0.05, "--tolerance", help="truncation error tolerance for the safe deletion size"),
-    plot: Optional[str] = typer.Option(None, "--plot", help="write a PNG of the per-degree term sizes"),
-    json_out: bool = JsonOpt,
-):
+@click.argument("sketch_dir")
+@click.option("--query", multiple=True, help="outputs to diagnose (default: the preset's default queries)")
+@click.option("--tolerance", type=float, default=0.05, show_default=True, help="truncation error tolerance for the safe deletion size")
+@click.option("--plot", default=None, help="write a PNG of the per-degree term sizes")
+@json_option
+def stability(sketch_dir, query, tolerance, plot, json_out):
     """Stability diagnostics: do the Taylor terms decay with degree?"""
     sk = load_sketch(sketch_dir)
     qs = check_queries(sk.task, query or list(sk.task.default_queries))
@@ -335,12 +327,11 @@ def stability(
 
 
 @app.command()
-def demo(
-    out_dir: str = typer.Option("delsketch-demo", "--out", help="where the sketch, JSON and PNG go"),
-    directions: int = typer.Option(64, "--directions"),
-    degree: int = typer.Option(3, "--degree"),
-    json_out: bool = JsonOpt,
-):
+@click.option("--out", "out_dir", default="delsketch-demo", show_default=True, help="where the sketch, JSON and PNG go")
+@click.option("--directions", type=int, default=64, show_default=True)
+@click.option("--degree", type=int, default=3, show_default=True)
+@json_option
+def demo(out_dir, directions, degree, json_out):
     """Train on census names, sketch, predict a deletion, retrain to check, print and plot the comparison."""
     from .demo import run_demo
 
@@ -358,8 +349,11 @@ def main(argv: Optional[list] = None) -> int:
     from .taylor import SeriesDomainError, UnsupportedOpError
     from .run import NonFiniteError
 
+    torch_threads()
     try:
-        app(args=argv, standalone_mode=False, prog_name="delsketch")
+        rv = app.main(args=argv, standalone_mode=False, prog_name="delsketch")
+        if isinstance(rv, int) and rv:
+            return rv
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.exceptions.Abort:
@@ -379,6 +373,16 @@ def main(argv: Optional[list] = None) -> int:
         sys.stderr.write(f"error: {str(e).splitlines()[0]}\n")
         return 1
     return 0
+
+
+def torch_threads() -> None:
+    """One intra-op thread: the models are small, and on a busy 2-core machine two threads stall."""
+    import os
+
+    import torch
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
 
 
 def entry() -> None:  # console script

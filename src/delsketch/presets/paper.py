@@ -65,7 +65,7 @@ def build(data: str | None = None, steps: int | None = None, n: int = N_TRAIN,
           normalization: str = "fixed") -> Task:
     if data is None:
         raise ValueError(
-            "the 'paper' preset needs the names data file: pass data=PATH to names.txt "
+            "the 'paper' preset needs the names data file: pass --data PATH (data=PATH in Python) to names.txt "
             "(32,032 names, one per line; e.g. ../shared/data/names.txt)"
         )
     if not Path(data).is_file():

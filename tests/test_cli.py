@@ -1,0 +1,114 @@
+"""The command-line contract: JSON keys, exit status 2 with one line for every malformed input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from delsketch.cli import main
+
+from conftest import NAMES_TXT
+
+
+@pytest.fixture(scope="module")
+def sketch_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli") / "sk"
+    assert main(["sketch", "--preset", "digits", "--directions", "24", "--degree", "2", "--out", str(d), "--chunk", "8"]) == 0
+    return d
+
+
+def run(capsys, *args):
+    rc = main(list(args))
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_predict_json_keys(sketch_dir, capsys):
+    rc, out, _ = run(capsys, "predict", str(sketch_dir), "--delete", "0:10,15", "--query", "test:5", "--json")
+    assert rc == 0
+    obj = json.loads(out)
+    for k in ["estimate", "base", "change", "stderr", "terms", "directions", "degree"]:
+        assert k in obj
+    assert obj["directions"] == 24 and obj["degree"] == 2 and len(obj["terms"]) == 3
+    rc, out, _ = run(capsys, "predict", str(sketch_dir), "--delete", "class:3", "--query", "test:5", "--query", "test:mean", "--json")
+    assert rc == 0 and [o["query"] for o in json.loads(out)] == ["test:5", "test:mean"]
+
+
+def test_retrain_and_series_json(capsys, tmp_path):
+    spec = tmp_path / "del.txt"
+    spec.write_text("3\n4\n# comment\n10\n")
+    rc, out, _ = run(capsys, "retrain", "--preset", "digits", "--steps", "10", "--delete", f"@{spec}", "--query", "test:1", "--json")
+    assert rc == 0
+    r = json.loads(out)
+    assert set(["value", "base"]) <= set(r) and r["deletion_size"] == 3
+    rc, out, _ = run(capsys, "series", "--preset", "digits", "--steps", "10", "--delete", f"@{spec}", "--degree", "3", "--query", "test:1", "--json")
+    s = json.loads(out)
+    assert rc == 0 and len(s["coefficients"]) == 4
+    # the exact series at t=1 is close to the real retrain on this tiny deletion
+    assert abs(s["value_at_1"] - r["value"]) < 0.1 * abs(r["value"] - r["base"]) + 1e-6
+    assert s["coefficients"][0] == pytest.approx(r["base"], rel=1e-12)
+
+
+def test_stability_json_and_plot(sketch_dir, capsys, tmp_path):
+    png = tmp_path / "s.png"
+    rc, out, _ = run(capsys, "stability", str(sketch_dir), "--query", "test:1", "--plot", str(png), "--json")
+    assert rc == 0 and png.stat().st_size > 1000
+    rep = json.loads(out)["test:1"]
+    assert "verdict" in rep and len(rep["degrees"]) == 2
+
+
+BAD = [
+    ("predict", "{d}", "--delete", "0:x", "--query", "test:5"),
+    ("predict", "{d}", "--delete", "99999", "--query", "test:5"),
+    ("predict", "{d}", "--delete", "-1", "--query", "test:5"),
+    ("predict", "{d}", "--delete", "5:5", "--query", "test:5"),
+    ("predict", "{d}", "--delete", "", "--query", "test:5"),
+    ("predict", "{d}", "--delete", "1,,2", "--query", "test:5"),
+    ("predict", "{d}", "--delete", "class:11", "--query", "test:5"),
+    ("predict", "{d}", "--delete", "contains:x", "--query", "test:5"),
+    ("predict", "{d}", "--delete", "@/nonexistent/file", "--query", "test:5"),
+    ("predict", "{d}", "--delete", "1", "--query", "bogus"),
+    ("predict", "{d}", "--delete", "1"),
+    ("predict", "{d}", "--delete", "1", "--query", "test:1", "--weight", "abc"),
+    ("predict", "{d}", "--delete", "1", "--query", "test:1", "--delta", "2"),
+    ("predict", "/nonexistent/sketch", "--delete", "1", "--query", "test:1"),
+    ("predict", "{d}", "--query", "test:1"),
+    ("sketch", "--preset", "nope", "--directions", "2", "--degree", "2", "--out", "{d}x"),
+    ("sketch", "--preset", "digits", "--directions", "0", "--degree", "2", "--out", "{d}x"),
+    ("sketch", "--preset", "digits", "--directions", "4", "--degree", "2", "--out", "{d}"),
+    ("series", "--preset", "paper", "--delete", "1", "--degree", "2", "--query", "max"),
+    ("series", "--preset", "paper", "--data", "/nonexistent.txt", "--delete", "1", "--degree", "2", "--query", "max"),
+    ("series", "--preset", "digits", "--delete", "1", "--degree", "0", "--query", "test:1"),
+    ("retrain", "--preset", "digits", "--delete", "1", "--query", "test:1", "--steps", "100000"),
+    ("stability", "/nonexistent/sketch"),
+    ("frobnicate",),
+]
+
+
+@pytest.mark.parametrize("args", BAD, ids=[" ".join(a)[:60] for a in BAD])
+def test_bad_input_exits_2_with_one_line(sketch_dir, capsys, args):
+    rc, out, err = run(capsys, *[a.format(d=sketch_dir) for a in args])
+    assert rc == 2, (rc, err)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+
+
+def test_corrupted_sketch_exits_2(sketch_dir, capsys, tmp_path):
+    import shutil
+
+    d = tmp_path / "copy"
+    shutil.copytree(sketch_dir, d)
+    p = d / "chunk-00001.safetensors"
+    p.write_bytes(p.read_bytes()[:100])
+    rc, _, err = run(capsys, "predict", str(d), "--delete", "1", "--query", "test:1")
+    assert rc == 2 and "checksum" in err and len(err.strip().splitlines()) == 1
+
+
+def test_console_script_runs():
+    r = subprocess.run([sys.executable, "-m", "delsketch.cli", "predict", "/nonexistent", "--delete", "1", "--query", "x"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: ")
