@@ -169,6 +169,9 @@ def test_non_finite_errors():
         return (1e200 * params["c"] ** 2 + 0 * params["a"].sum()).expand(len(idx))
 
     with pytest.raises(NonFiniteError, match="step 0: parameter 'c' is not finite"):
+        train(tiny_task(losses=steep, optimizer=SGD(1e200)), check_every=1)
+    # by default parameters are checked every 50 steps; the next step's loss stops the run
+    with pytest.raises(NonFiniteError, match="step 1: loss is not finite"):
         train(tiny_task(losses=steep, optimizer=SGD(1e200)))
     # unchecked runs go through
     train(tiny_task(losses=steep, optimizer=SGD(1e200)), steps=1, check_finite=False)

@@ -196,3 +196,28 @@ def test_loss_backward_and_stock_sgd_on_series_parameters():
     ref = train(task, w=taylor.variable(w), params={k: taylor.lift(v, 2) for k, v in plain.items()})
     for k in params:
         torch.testing.assert_close(taylor.coefficients(params[k]), taylor.coefficients(ref[k]).expand_as(taylor.coefficients(params[k])))
+
+
+@pytest.mark.parametrize(
+    "opt",
+    [Adam(lr=0.05, eps=1e-3, eps_inside_sqrt=True), Adam(lr=0.05, eps=1e-6, weight_decay=0.1)],
+    ids=["adam-eps-inside", "adam-standard-wd"],
+)
+def test_fused_series_optimizer_path_equals_generic_path(opt, monkeypatch):
+    """Adam's fused coefficient path for Series gives the generic (dispatch) path's numbers."""
+    import dataclasses
+
+    from delsketch import optim
+    from delsketch.optim import AdamW
+
+    for o in (opt, AdamW(lr=0.05, eps=1e-4, eps_inside_sqrt=True, weight_decay=0.1)):
+        task = dataclasses.replace(_mlp_task(steps=4), optimizer=o)
+        c = torch.zeros(3, 3, task.n, dtype=torch.complex128)
+        c[:, 1] = torch.randn(3, task.n, dtype=torch.complex128, generator=torch.Generator().manual_seed(5))
+        run = lambda: train(task, w=taylor.variable(c), params={k: taylor.lift(p, 2) for k, p in task.init_params().items()})
+        fused = run()
+        with monkeypatch.context() as mp:
+            mp.setattr(optim, "_is_series", lambda x: False)
+            generic = run()
+        for k in fused:
+            torch.testing.assert_close(taylor.coefficients(fused[k]), taylor.coefficients(generic[k]), rtol=1e-10, atol=1e-12)

@@ -333,6 +333,11 @@ class Adam(Optimizer):
         with torch.no_grad():
             for name, p in params.items():
                 g = self._grad(grads[name], p)
+                if _is_series(p) and _is_series(g):
+                    new_params[name], new_m[name], new_v[name] = self._series_step(
+                        p, g, state["m"][name], state["v"][name], lr_t, bc1, bc2
+                    )
+                    continue
                 m = b1 * state["m"][name] + (1 - b1) * g
                 v = b2 * state["v"][name] + (1 - b2) * (g * g)
                 m_hat = m / bc1
@@ -345,6 +350,28 @@ class Adam(Optimizer):
                 new_m[name] = m
                 new_v[name] = v
         return new_params, {"m": new_m, "v": new_v}
+
+    def _series_step(self, p, g, m, v, lr_t, bc1, bc2):
+        """The same update on series coefficients with fewer full passes (same formulas, same order)."""
+        from . import ring
+        from .taylor import coefficients, variable
+
+        b1, b2 = self.betas
+        pc, gc = coefficients(p), coefficients(g)
+        mc = torch.add(coefficients(m) * b1, gc, alpha=1 - b1) if _is_series(m) else gc * (1 - b1)
+        g2 = ring.mul(gc, gc)
+        vc = torch.add(coefficients(v) * b2, g2, alpha=1 - b2) if _is_series(v) else g2 * (1 - b2)
+        vh = vc / bc2
+        if self.eps_inside_sqrt:
+            vh[:, 0] += self.eps
+            inv = ring.rsqrt(vh)
+        else:
+            d = ring.sqrt(vh)
+            d[:, 0] += self.eps
+            inv = ring.reciprocal(d)
+        step = ring.mul(mc, inv)
+        base = coefficients(self._decay(p, lr_t))
+        return variable(torch.add(base, step, alpha=-lr_t / bc1)), variable(mc), variable(vc)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -387,6 +414,10 @@ class AdamW(Adam):
         if self.weight_decay != 0.0:
             return p * (1 - lr_t * self.weight_decay)
         return p
+
+
+def _is_series(x) -> bool:
+    return type(x).__name__ == "Series" and hasattr(x, "coeffs")
 
 
 def optimizer_from_config(cfg: dict[str, Any]) -> Optimizer:
