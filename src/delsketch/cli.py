@@ -339,6 +339,70 @@ def demo(out_dir, directions, degree, json_out):
              progress_factory=progress_bar)
 
 
+@app.command()
+@click.argument("figure", type=click.Choice(["fig1", "fig2", "fig3"]))
+@click.option("--data", default=None, help="the paper's names.txt (required)")
+@click.option("--out", "out_dir", default="delsketch-figures", show_default=True,
+              help="where figN.png, figN.json and the sketches go (sketches resume)")
+@click.option("--directions", type=int, default=None, help="random directions (fig1: 12, fig3: 500; not fig2)")
+@click.option("--degree", type=int, default=None, help="truncation degree (fig1: 100, fig2: 6, fig3: 3)")
+@click.option("--steps", type=int, default=None, help="train only the first N of the 1000 steps (smaller, faster runs)")
+@json_option
+def reproduce(figure, data, out_dir, directions, degree, steps, json_out):
+    """Reproduce one of the paper's microgpt figures (PNG + JSON of every plotted number)."""
+    from .reproduce import PAPER, run_figure
+
+    if data is None:
+        raise CliError("reproduce needs the paper's data: pass --data PATH to names.txt (e.g. ../shared/data/names.txt)")
+    if not Path(data).is_file():
+        raise CliError(f"data file not found: {data}")
+    if figure == "fig2" and directions is not None:
+        raise CliError("fig2 uses the exact series (one ring run): it takes no --directions")
+    if directions is not None and directions < 1:
+        raise CliError("--directions must be at least 1")
+    if degree is not None and not 1 <= degree <= 100:
+        raise CliError("--degree must lie in [1, 100]")
+    if steps is not None and not 1 <= steps <= 1000:
+        raise CliError("--steps must lie in [1, 1000]")
+    with progress_bar(figure) as bar:
+        tid = bar.add_task(figure, total=None)
+
+        def cb(phase, done, total):
+            bar.update(tid, description=f"{figure}: {phase}", completed=done, total=total)
+
+        kw = {"degree": degree, "steps": steps}
+        if figure != "fig2":
+            kw["directions"] = directions
+        res = run_figure(figure, data, out_dir, progress=cb, **kw)
+    if json_out:
+        emit_json(res)
+        return
+    cfg = res["config"]
+    if figure == "fig2":
+        t = Table(title=f"fig2: exact series vs retraining, '{res['query']}', |D| = {res['deletion_size']}, {cfg['steps']} steps")
+        for c in ["degree r", "partial sum at t=1", "retrained at t=1", "error", "|error| / |change|"]:
+            t.add_column(c, justify="right")
+        for e in res["errors_at_1"]:
+            rel = e["relative_to_change"]
+            t.add_row(str(e["degree"]), fmt(e["partial_sum"]), fmt(e["retrained"]), f"{e['error']:+.3e}",
+                      f"{rel:.3e}" if rel is not None else "-")
+        out.print(t)
+    elif figure == "fig3":
+        a = res["at_1"]
+        z = a["error_in_stderr"]
+        out.print(f"fig3: {cfg['directions']} directions, degree {cfg['degree']}, {cfg['steps']} steps: predicted change "
+                  f"{a['predicted_change']:+.5f} ± {a['stderr']:.5f} vs retrained {a['true_change']:+.5f}; error "
+                  f"{a['error']:+.2e} = {z:+.2f} standard errors" if z is not None else "fig3: no standard error (1 direction)")
+    else:
+        f = res["fit"]
+        out.print(f"fig1: '{res['query']}', {cfg['directions']} directions, degree {cfg['degree']}, {cfg['steps']} steps: "
+                  f"{f['log2_decay_per_degree']:+.3f} bits per degree ({f['verdict']}); safe deletion size "
+                  f"{f['safe_deletion_size']:.3g} (worst case {f['safe_deletion_size_worst_case']:.3g})"
+                  if f["log2_decay_per_degree"] is not None else f"fig1: {f['verdict']}")
+    out.print(f"wrote {Path(out_dir) / (figure + '.png')} and {Path(out_dir) / (figure + '.json')} "
+              f"in {res['timings']['total_s']:.1f} s (defaults are the paper's sizes: {PAPER[figure]})")
+
+
 # ----------------------------------------------------------------------------------------------
 # entry point with the exit-2 contract
 # ----------------------------------------------------------------------------------------------
