@@ -352,15 +352,36 @@ class Adam(Optimizer):
         return new_params, {"m": new_m, "v": new_v}
 
     def _series_step(self, p, g, m, v, lr_t, bc1, bc2):
-        """The same update on series coefficients with fewer full passes (same formulas, same order)."""
-        from . import ring
+        """The same update on series coefficients, with fewer full passes (same formulas), done in slices of
+        directions small enough to stay in cache (the update is elementwise, so slicing changes no number)."""
         from .taylor import coefficients, variable
 
+        pc = coefficients(self._decay(p, lr_t))
+        gc = coefficients(g)
+        mc0 = coefficients(m) if _is_series(m) else None
+        vc0 = coefficients(v) if _is_series(v) else None
+        M = max(pc.shape[0], gc.shape[0], *(x.shape[0] for x in (mc0, vc0) if x is not None))
+        shape = (M, *gc.shape[1:])
+        out_p = torch.empty(shape, dtype=gc.dtype)
+        out_m = torch.empty(shape, dtype=gc.dtype)
+        out_v = torch.empty(shape, dtype=gc.dtype)
+        per = max(1, _SLICE_ELEMENTS // max(1, gc[0].numel()))
+        for j in range(0, M, per):
+            sl = slice(j, min(M, j + per))
+            take = lambda x: x if x.shape[0] == 1 else x[sl]
+            self._series_update(take(pc), take(gc), None if mc0 is None else take(mc0),
+                                None if vc0 is None else take(vc0), lr_t, bc1, bc2, out_p[sl], out_m[sl], out_v[sl])
+        return variable(out_p), variable(out_m), variable(out_v)
+
+    def _series_update(self, pc, gc, mc, vc, lr_t, bc1, bc2, out_p, out_m, out_v):
+        from . import ring
+
         b1, b2 = self.betas
-        pc, gc = coefficients(p), coefficients(g)
-        mc = torch.add(coefficients(m) * b1, gc, alpha=1 - b1) if _is_series(m) else gc * (1 - b1)
+        mc = torch.add(mc * b1, gc, alpha=1 - b1) if mc is not None else gc * (1 - b1)
         g2 = ring.mul(gc, gc)
-        vc = torch.add(coefficients(v) * b2, g2, alpha=1 - b2) if _is_series(v) else g2 * (1 - b2)
+        vc = torch.add(vc * b2, g2, alpha=1 - b2) if vc is not None else g2 * (1 - b2)
+        out_m.copy_(mc)
+        out_v.copy_(vc)
         vh = vc / bc2
         if self.eps_inside_sqrt:
             vh[:, 0] += self.eps
@@ -369,9 +390,7 @@ class Adam(Optimizer):
             d = ring.sqrt(vh)
             d[:, 0] += self.eps
             inv = ring.reciprocal(d)
-        step = ring.mul(mc, inv)
-        base = coefficients(self._decay(p, lr_t))
-        return variable(torch.add(base, step, alpha=-lr_t / bc1)), variable(mc), variable(vc)
+        torch.add(pc, ring.mul(mc, inv), alpha=-lr_t / bc1, out=out_p)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -414,6 +433,10 @@ class AdamW(Adam):
         if self.weight_decay != 0.0:
             return p * (1 - lr_t * self.weight_decay)
         return p
+
+
+#: complex elements per slice of the fused series update (~2 MB): keeps the temporaries in cache
+_SLICE_ELEMENTS = 1 << 17
 
 
 def _is_series(x) -> bool:

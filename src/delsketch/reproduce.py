@@ -252,6 +252,7 @@ def _plot_fig2(res: dict, path: Path) -> None:
     rs = [e["degree"] for e in res["errors_at_1"]]
     errs = [max(e["abs_error"], 1e-300) for e in res["errors_at_1"]]
     ax2.semilogy(rs, errs, "o-", color="k")
+    ax2.set_xticks(rs if len(rs) <= 12 else rs[:: max(1, len(rs) // 10)])
     ax2.set_xlabel("degree r of the partial sum")
     ax2.set_ylabel("|partial sum - retrained| at t = 1")
     ax2.set_title("truncation error at t = 1", fontsize=9)

@@ -527,15 +527,17 @@ def _stack(tensors, dim=0):
     return _cat([aten.unsqueeze.default(t, dim if dim >= 0 else dim + nd) for t in tensors], dim if dim >= 0 else dim + nd)
 
 
-@rule(aten.sum.dim_IntList)
-def _sum_dim(x, dim=None, keepdim=False, dtype=None):
-    if dim is None or len(dim) == 0:
-        dims = list(range(2, x._c.dim()))
-    else:
-        dims = _dims(dim, x.dim())
+def _reduce(op, x, dim, keepdim):
+    """A linear reduction (sum, mean) over logical dims, applied to every coefficient."""
+    dims = list(range(2, x._c.dim())) if dim is None or len(dim) == 0 else _dims(dim, x.dim())
     if not dims:
         return _wrap(x._c.clone())
-    return _wrap(x._c.sum(dims, keepdim=keepdim))
+    return _wrap(op(x._c, dims, keepdim=keepdim))
+
+
+@rule(aten.sum.dim_IntList)
+def _sum_dim(x, dim=None, keepdim=False, dtype=None):
+    return _reduce(torch.sum, x, dim, keepdim)
 
 
 @rule(aten.sum.default)
@@ -545,13 +547,7 @@ def _sum(x, dtype=None):
 
 @rule(aten.mean.dim)
 def _mean_dim(x, dim=None, keepdim=False, dtype=None):
-    if dim is None or len(dim) == 0:
-        dims = list(range(2, x._c.dim()))
-    else:
-        dims = _dims(dim, x.dim())
-    if not dims:
-        return _wrap(x._c.clone())
-    return _wrap(x._c.mean(dims, keepdim=keepdim))
+    return _reduce(torch.mean, x, dim, keepdim)
 
 
 @rule(aten.mean.default)

@@ -1,0 +1,174 @@
+"""The delsketch side of the benchmark: retraining truth, the exact first-order term, the sketch.
+
+* ``truth``: ``delsketch.run.retrain(task, D)`` for every deletion set, all queries read off each retrained model.
+* ``first_order_gradients``: the exact derivative d f_q / d w_i of every query with respect to every example's
+  deletion weight, through the whole training run (reverse mode through the unrolled run: one backward pass per
+  query gives all n per-example derivatives). Summed over D it is the degree-1 Taylor term of t -> f(t 1_D),
+  i.e. the exact first-order prediction; it is checked against ``delsketch.sketch.exact_series`` (one ring run
+  per set) on a few sets, and the check is stored in the results.
+* ``sketch_coefficients``: precompute a sketch and read the per-direction series coefficients of every query;
+  predictions for many sets then come from ``Sketch.per_direction_terms`` (the arithmetic behind
+  ``Sketch.predict``; ``check_predict`` verifies they agree with ``Sketch.predict``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from delsketch import run
+from delsketch import sketch as sk
+from delsketch.optim import SGD, Adam
+
+
+def base_values(bt) -> np.ndarray:
+    p = run.train(bt.task)
+    with torch.no_grad():
+        return np.array([float(bt.task.query(p, q)) for q in bt.queries])
+
+
+def truth(bt, sets: list[list[int]], base: np.ndarray, progress=None) -> tuple[np.ndarray, float]:
+    """Actual change [S, Q] of every query after retraining without each set, and seconds per retrain."""
+    out = np.zeros((len(sets), len(bt.queries)))
+    t0 = time.perf_counter()
+    for s, D in enumerate(sets):
+        p = run.retrain(bt.task, D)
+        with torch.no_grad():
+            out[s] = [float(bt.task.query(p, q)) for q in bt.queries]
+        if progress and (s + 1) % 50 == 0:
+            progress(f"retrained {s + 1}/{len(sets)}")
+    dt = (time.perf_counter() - t0) / max(1, len(sets))
+    return out - base[None], dt
+
+
+# ------------------------------------------------------------------------------------------------ first order
+
+
+def _opt_step(opt, params, grads, state, s):
+    """A differentiable copy of delsketch's SGD / Adam updates (theirs run under no_grad)."""
+    lr_t = opt.lr_at(s)
+    new, st = {}, {}
+    if isinstance(opt, SGD):
+        assert opt.weight_decay == 0 and not opt.nesterov
+        for k, p in params.items():
+            buf = grads[k] if opt.momentum == 0 else opt.momentum * state.get(k, 0) + grads[k]
+            st[k] = buf
+            new[k] = p - lr_t * buf
+        return new, st
+    if type(opt) is Adam:
+        assert opt.weight_decay == 0
+        b1, b2 = opt.betas
+        bc1, bc2 = 1 - b1 ** (s + 1), 1 - b2 ** (s + 1)
+        for k, p in params.items():
+            m0, v0 = state.get(k, (0, 0))
+            g = grads[k]
+            m = b1 * m0 + (1 - b1) * g
+            v = b2 * v0 + (1 - b2) * g * g
+            denom = torch.sqrt(v / bc2 + opt.eps) if opt.eps_inside_sqrt else torch.sqrt(v / bc2) + opt.eps
+            new[k] = p - lr_t * (m / bc1) / denom
+            st[k] = (m, v)
+        return new, st
+    raise NotImplementedError(type(opt).__name__)
+
+
+def first_order_gradients(bt) -> np.ndarray:
+    """d f_q / d w_i at w = 0 for every example i and query q: [n, Q] (reverse mode through training)."""
+    task = bt.task
+    w = torch.zeros(task.n, dtype=torch.float64, requires_grad=True)
+    params = {k: v.clone().requires_grad_(True) for k, v in task.init_params().items()}
+    state: dict = {}
+    names = list(params)
+    for s, batch in enumerate(task.schedule):
+        idx = torch.tensor(batch, dtype=torch.long)
+        loss = run.batch_loss(task.example_losses(params, idx), w, idx, task.normalization)
+        grads = torch.autograd.grad(loss, [params[k] for k in names], create_graph=True, allow_unused=True)
+        grads = {k: (g if g is not None else torch.zeros_like(params[k])) for k, g in zip(names, grads)}
+        params, state = _opt_step(task.optimizer, params, grads, state, s)
+    cols = []
+    for qi, q in enumerate(bt.queries):
+        f = task.query(params, q)
+        (g,) = torch.autograd.grad(f, w, retain_graph=qi < len(bt.queries) - 1)
+        cols.append(g.detach().numpy())
+    return np.stack(cols, 1)
+
+
+def check_first_order(bt, G: np.ndarray, sets: list[list[int]]) -> dict:
+    """Compare sum_{i in D} G[i] with the degree-1 coefficient of delsketch.sketch.exact_series."""
+    worst = 0.0
+    for D in sets:
+        res = sk.exact_series(bt.task, D, 1, bt.queries)
+        c1 = np.array([r.coefficients[1] for r in res])
+        mine = G[D].sum(0)
+        worst = max(worst, float(np.max(np.abs(mine - c1) / (np.abs(c1) + 1e-12))))
+    return {"sets_checked": len(sets), "max_relative_difference": worst}
+
+
+# ------------------------------------------------------------------------------------------------ the sketch
+
+
+def sketch_coefficients(bt, directory: Path, directions: int, degree: int, seed: int, reuse: bool = False) -> dict:
+    """Precompute (or reuse) a sketch; return its psi, per-query coefficients and timings."""
+    directory = Path(directory)
+    if directory.exists() and not reuse:
+        shutil.rmtree(directory)
+    t0 = time.perf_counter()
+    S = sk.precompute(bt.task, directory, directions=directions, degree=degree, seed=seed)
+    wall = time.perf_counter() - t0
+    chunk_times = json.loads((directory / "timings.json").read_text())["chunks"]
+    t1 = time.perf_counter()
+    coeffs = np.stack([S.coefficients(q).numpy() for q in bt.queries])  # [Q, m, K]
+    t_coef = (time.perf_counter() - t1) / len(bt.queries)
+    stab = []
+    for q in bt.queries:
+        r = S.stability(q)
+        stab.append({"query": q, "verdict": r["verdict"], "decay_per_degree": r["decay_per_degree"],
+                     "safe_deletion_size": r["safe_deletion_size"],
+                     "safe_deletion_size_worst_case": r["safe_deletion_size_worst_case"],
+                     "log2_size": [d["log2_size"] for d in r["degrees"]]})
+    return {"psi": S.psi().numpy(), "coeffs": coeffs, "chunk_times": [chunk_times[k] for k in sorted(chunk_times)],
+            "chunk": 16, "precompute_wall_s": wall, "coef_s_per_query": t_coef, "stability": stab,
+            "n": bt.task.n, "degree": degree}
+
+
+def sketch_terms(sc: dict, sets: list[list[int]], m: int) -> np.ndarray:
+    """Per-direction estimated Taylor terms [Q, S, m, K] (Sketch.per_direction_terms, first m directions)."""
+    n, K = sc["n"], sc["degree"] + 1
+    Dm = np.zeros((len(sets), n))
+    for s, D in enumerate(sets):
+        Dm[s, D] = 1.0
+    psi = sc["psi"][:m]
+    proj = Dm @ psi.conj().T  # [S, m]
+    scale = np.array([math.exp(math.lgamma(n + r) - math.lgamma(r + 1) - math.lgamma(n)) for r in range(K)])
+    powers = proj[..., None] ** np.arange(K)  # [S, m, K]
+    c = sc["coeffs"][:, :m]  # [Q, m, K]
+    return (scale * c[:, None] * powers[None]).real
+
+
+def sketch_predictions(sc: dict, sets: list[list[int]], m: int, degree: int, terms=None) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted change and its standard error, [S, Q] each."""
+    t = sketch_terms(sc, sets, m) if terms is None else terms[:, :, :m]
+    est = t[..., 1:degree + 1].sum(-1)  # change = sum of degree >= 1 terms, per direction  [Q, S, m]
+    mean = est.mean(-1)
+    se = est.std(-1, ddof=1) / math.sqrt(m)
+    return mean.T, se.T
+
+
+def check_predict(bt, directory: Path, sc: dict, sets: list[list[int]], m_total: int) -> float:
+    """Max |difference| between sketch_predictions and Sketch.predict on a few sets (all directions)."""
+    S = sk.Sketch.load(directory, bt.task)
+    mine, mine_se = sketch_predictions(sc, sets, m_total, sc["degree"])
+    worst = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        preds = S.predict(bt.queries, sets)
+    for qi, row in enumerate(preds):
+        for s, p in enumerate(row):
+            worst = max(worst, abs(p.change - mine[s, qi]), abs(p.stderr - mine_se[s, qi]))
+    return worst
