@@ -377,11 +377,9 @@ class Adam(Optimizer):
         from . import ring
 
         b1, b2 = self.betas
-        mc = torch.add(mc * b1, gc, alpha=1 - b1) if mc is not None else gc * (1 - b1)
+        mc = torch.add(mc * b1, gc, alpha=1 - b1, out=out_m) if mc is not None else torch.mul(gc, 1 - b1, out=out_m)
         g2 = ring.mul(gc, gc)
-        vc = torch.add(vc * b2, g2, alpha=1 - b2) if vc is not None else g2 * (1 - b2)
-        out_m.copy_(mc)
-        out_v.copy_(vc)
+        vc = torch.add(vc * b2, g2, alpha=1 - b2, out=out_v) if vc is not None else torch.mul(g2, 1 - b2, out=out_v)
         vh = vc / bc2
         if self.eps_inside_sqrt:
             vh[:, 0] += self.eps
