@@ -50,8 +50,13 @@ def plot_predicted_vs_actual(rows: list[dict], path, title: str) -> None:
     pred = [r["predicted_change"] for r in rows]
     err = [2 * r["stderr"] for r in rows]
     act = [r["actual_change"] for r in rows]
-    ax.bar([x - 0.2 for x in xs], pred, width=0.4, yerr=err, capsize=4, label="sketch prediction ± 2 s.e.")
-    ax.bar([x + 0.2 for x in xs], act, width=0.4, label="real retraining")
+    has_exact = all("exact_series_change" in r for r in rows)
+    w = 0.27 if has_exact else 0.4
+    ax.bar([x - w for x in xs] if has_exact else [x - 0.2 for x in xs], pred, width=w, yerr=err, capsize=4,
+           label="sketch prediction ± 2 s.e.")
+    if has_exact:
+        ax.bar(list(xs), [r["exact_series_change"] for r in rows], width=w, label="exact series (same degree)")
+    ax.bar([x + w for x in xs] if has_exact else [x + 0.2 for x in xs], act, width=w, label="real retraining")
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(list(xs))
     ax.set_xticklabels([r["query"] for r in rows])
