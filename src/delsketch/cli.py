@@ -156,7 +156,7 @@ query_option = click.option("--query", "query", multiple=True, help="output to e
 @click.option("--degree", type=int, required=True, help="truncation degree k")
 @click.option("--out", "out_dir", required=True, help="sketch directory (resumed if it holds a partial sketch)")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--chunk", type=int, default=16, show_default=True, help="directions per chunk (unit of work and of resumption)")
+@click.option("--chunk", type=int, default=64, show_default=True, help="directions per chunk (unit of work and of resumption)")
 @json_option
 def sketch(preset, data, steps, directions, degree, out_dir, seed, chunk, json_out):
     """Precompute a deletion sketch: m ring training runs at degree k."""

@@ -221,7 +221,7 @@ class SketchConfig:
     directions: int
     degree: int
     seed: int = 0
-    chunk: int = 16
+    chunk: int = 64
     steps: Optional[int] = None  # None = the whole schedule
 
     def validate(self, task: Task) -> None:
@@ -258,7 +258,7 @@ def precompute(
     directions: int,
     degree: int,
     seed: int = 0,
-    chunk: int = 16,
+    chunk: int = 64,
     steps: Optional[int] = None,
     progress: Optional[Callable[[int, int], None]] = None,
     task_spec: Optional[dict] = None,
