@@ -198,7 +198,17 @@ STRUCT = {
     "clamp": lambda x: x.clamp(min=-0.3, max=0.4),
     "embedding_fn": lambda x: F.embedding(torch.tensor([[2, 0], [1, 1]]), x),
     "abs": lambda x: x.abs(),
+    "index_put_row": lambda x: torch.zeros(5, 4, dtype=torch.float64).index_put((torch.tensor([1, 3]),), x[0] * x[2]),
+    "index_put_accumulate": lambda x: x.index_put((torch.tensor([0, 2, 0]),), x[1] ** 2, accumulate=True),
+    "setitem": lambda x: _setitem(x),
+    "cat_plain": lambda x: torch.cat([x, torch.ones(1, 4, dtype=torch.float64)], 0) * x.sum(),
 }
+
+
+def _setitem(x):
+    y = x.clone()
+    y[1] = x[0] * x[2]
+    return y * x
 
 
 def _layer_norm_formula(x, eps=1e-5):

@@ -1,6 +1,6 @@
 """Peer attribution libraries, each turned into "predicted change of query q when training example i is deleted".
 
-Every peer returns ``{"scores": [n, Q] array, "rank_only": bool, "settings": {...}}``; the benchmark predicts
+Every peer returns ``{"scores": [len(pool), Q] array (the visited examples), "rank_only": bool, "settings": {...}}``; the benchmark predicts
 the change for a set D as ``scores[D].sum(0)`` (the standard additive approximation). Scale and sign follow
 from each method's own definition (nothing is fitted on the truth):
 
@@ -92,10 +92,15 @@ def tracin_weights(bt, ends: list[int]) -> list[float]:
     for e in ends:
         # every example is used once per epoch (minibatch) or every step (full batch); per example:
         steps = range(prev, e)
-        per_step_use = b / bt.task.n  # probability that an example is in a step's batch
+        per_step_use = b / len(bt.pool)  # probability that an example is in a step's batch
         w.append(sum(opt.lr_at(s) for s in steps) * per_step_use / b)
         prev = e
     return w
+
+
+def _train(bt):
+    """The training examples the run visits (all of them unless the run was cut with first_steps)."""
+    return bt.train_x[bt.pool], bt.train_y[bt.pool]
 
 
 def final_params(bt) -> dict:
@@ -153,7 +158,7 @@ def captum_tracincp(bt) -> dict:
             nll = -logp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)
             return (nll * mask).sum(-1) / mask.sum(-1)
 
-    ds = TensorDataset(bt.train_x, bt.train_y)
+    ds = TensorDataset(*_train(bt))
     tr = TracInCP(model, ds, checkpoints=paths, checkpoints_load_func=load, loss_fn=PerExampleLoss(),
                   batch_size=64, sample_wise_grads_per_batch=False)
     infl = tr.influence((bt.test_x, bt.test_y), show_progress=False)  # [Q, n]
@@ -181,7 +186,7 @@ def _dattri_loss(bt):
 def _loaders(bt, batch=None):
     from torch.utils.data import DataLoader, TensorDataset
 
-    tr = DataLoader(TensorDataset(bt.train_x, bt.train_y), batch_size=batch or bt.task.n, shuffle=False)
+    tr = DataLoader(TensorDataset(*_train(bt)), batch_size=batch or len(bt.pool), shuffle=False)
     te = DataLoader(TensorDataset(bt.test_x, bt.test_y), batch_size=len(bt.test_x), shuffle=False)
     return tr, te
 
@@ -200,10 +205,8 @@ def dattri_if_cg(bt) -> dict:
     full, test = _loaders(bt)  # one batch: the Hessian is that of the mean training loss
     attr.cache(full)
     train1, _ = _loaders(bt, batch=64)
-    with torch.no_grad():
-        pass
     s = attr.attribute(train1, test)  # [n, Q] = g_i^T (H + reg I)^-1 g_q
-    return {"scores": s.detach().double().numpy() / bt.task.n, "rank_only": False,
+    return {"scores": s.detach().double().numpy() / len(bt.pool), "rank_only": False,
             "settings": {"max_iter": 10, "tol": 1e-7, "mode": "rev-rev", "regularization": IF_REGULARIZATION,
                          "hessian": "mean training loss at the trained parameters (one full batch)",
                          "scale": "score / n"}}
@@ -300,7 +303,7 @@ def kronfluence_ekfac(bt) -> dict:
     out = Path(tempfile.mkdtemp(prefix="kronfluence-"))
     an = Analyzer(analysis_name="bench", model=model, task=KT(), cpu=True, disable_tqdm=True, output_dir=str(out))
     fargs = FactorArguments(strategy="ekfac")
-    train = TensorDataset(bt.train_x, bt.train_y)
+    train = TensorDataset(*_train(bt))
     test = TensorDataset(bt.test_x, bt.test_y)
     an.fit_all_factors(factors_name="ekfac", dataset=train, per_device_batch_size=64, factor_args=fargs,
                        overwrite_output_dir=True)
@@ -309,7 +312,7 @@ def kronfluence_ekfac(bt) -> dict:
                                per_device_query_batch_size=len(test), per_device_train_batch_size=64,
                                score_args=sargs, overwrite_output_dir=True)
     s = an.load_pairwise_scores("s")["all_modules"]  # [Q, n]
-    return {"scores": s.detach().double().numpy().T / bt.task.n, "rank_only": False,
+    return {"scores": s.detach().double().numpy().T / len(bt.pool), "rank_only": False,
             "settings": {"strategy": "ekfac", "damping_factor": "None (kronfluence heuristic: 0.1 x mean eigenvalue)",
                          "train loss": "summed cross-entropy (kronfluence convention), true Fisher (sampled labels)",
                          "modules": "all nn.Linear (fc1, fc2)", "scale": "score / n"}}

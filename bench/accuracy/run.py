@@ -114,12 +114,13 @@ def build_task(key: str, cfg: dict, data: str | None):
 
 
 def make_sets(bt, cfg: dict, seed: int) -> dict[str, list[list[int]]]:
-    n = bt.task.n
+    pool = np.array(bt.pool)  # deletion candidates: the examples the run visits
+    n = len(pool)
     rng = np.random.default_rng(seed)
-    fams = {"loo": [[int(i)] for i in sorted(rng.choice(n, min(cfg["loo"], n), replace=False))]}
+    fams = {"loo": [[int(i)] for i in sorted(rng.choice(pool, min(cfg["loo"], n), replace=False))]}
     for f in FRACTIONS:
         size = max(1, round(f * n))
-        fams[f"random {int(round(100 * f))}%"] = [sorted(int(i) for i in rng.choice(n, size, replace=False))
+        fams[f"random {int(round(100 * f))}%"] = [sorted(int(i) for i in rng.choice(pool, size, replace=False))
                                                   for _ in range(cfg["sets"])]
     fams["groups"] = [list(v) for v in bt.groups.values()]
     return fams
@@ -135,7 +136,7 @@ def run_task(key: str, cfg: dict, args, peer_names: list[str]) -> dict:
     bt = build_task(key, cfg, args.data)
     n, Q = bt.task.n, bt.n_main
     log(f"{key}: {bt.description}; n={n}, {Q} queries")
-    res: dict = {"task": key, "description": bt.description, "n": n, "steps": bt.task.steps,
+    res: dict = {"task": key, "description": bt.description, "n": n, "visited": len(bt.pool), "steps": bt.task.steps,
                  "queries": bt.queries[:Q], "config": cfg,
                  "loss_consistency": btasks.check_loss_consistency(bt)}
     base = methods.base_values(bt)
@@ -163,6 +164,9 @@ def run_task(key: str, cfg: dict, args, peer_names: list[str]) -> dict:
     for name in peer_names:
         try:
             out, dt, rss = in_child(bpeers.PEERS[name], bt)
+            full = np.zeros((n, len(bt.queries)))
+            full[bt.pool] = out["scores"]
+            out["scores"] = full
             scores[name] = out
             timing[name] = {"setup_s": dt, "per_query_s": dt / len(bt.queries), "peak_rss_mb": rss}
             log(f"{key}: peer {name} in {dt:.1f}s")
@@ -175,7 +179,8 @@ def run_task(key: str, cfg: dict, args, peer_names: list[str]) -> dict:
 
     # ---- deletion sets
     fams = make_sets(bt, cfg, args.seed + 1)
-    k = max(1, round(cfg["topk"] * n))
+    k = max(1, round(cfg["topk"] * len(bt.pool)))
+    outside = np.setdiff1d(np.arange(n), bt.pool)
     # per-query structured sets: the k examples whose deletion the selector predicts raises the query's loss most
     t0 = time.perf_counter()
     eff_sketch, _ = methods.sketch_predictions(sc, [[i] for i in range(n)], mmax, cfg["degree"])
@@ -185,6 +190,8 @@ def run_task(key: str, cfg: dict, args, peer_names: list[str]) -> dict:
         selectors[name] = out["scores"]
     perq: dict[str, list[list[int]]] = {}
     for sname, E in selectors.items():
+        E = E.copy()
+        E[outside] = -np.inf  # never visited: not a candidate
         perq[f"top {k} by {sname}"] = [sorted(np.argsort(-E[:, q], kind="stable")[:k].tolist()) for q in range(Q)]
     perq[f"{k} nearest"] = [bt.neighbours(q, k) for q in range(Q)]
 

@@ -41,6 +41,11 @@ class BenchTask:
     neighbours: Callable[[int, int], list[int]]
     description: str
     training: dict = field(default_factory=dict)  # what the peers need to know about the run (lr, batch, ...)
+    pool: list[int] = field(default_factory=list)  # deletion candidates: the examples the run visits
+
+    def __post_init__(self):
+        if not self.pool:
+            self.pool = sorted(set(i for b in self.task.schedule for i in b))
 
 
 # ------------------------------------------------------------------------------------------------ digits
@@ -123,9 +128,14 @@ def text_task(key: str, preset: str, n_queries: int, data=None, steps=None, **ov
         docs = list(docs)
         rng.shuffle(docs)
         held = docs[task.n:]
-    else:
-        held = list(task.default_queries)
-        held += [d for d in getattr(task, "held_out", [])]
+    else:  # paper: the documents after the first n of the preset's shuffle
+        from delsketch.presets.paper import SEED, load_docs
+
+        docs, _ = load_docs(data)
+        rng = random.Random(SEED)
+        docs = list(docs)
+        rng.shuffle(docs)
+        held = docs[task.n:]
     seen = set(train_docs)
     queries = []
     for d in held:
@@ -133,14 +143,6 @@ def text_task(key: str, preset: str, n_queries: int, data=None, steps=None, **ov
             queries.append(d)
         if len(queries) == n_queries:
             break
-    if len(queries) < n_queries and preset == "paper":
-        # the paper preset trains on a prefix of names.txt: take later names as held-out queries
-        lines = [s.strip() for s in open(data).read().splitlines() if s.strip()]
-        for d in lines:
-            if d not in seen and d not in queries and not corpus.bad_chars(d):
-                queries.append(d)
-            if len(queries) == n_queries:
-                break
     Xtr, Ytr = _text_tensors(corpus, train_docs)
     Xte, Yte = _text_tensors(corpus, queries)
 
@@ -151,15 +153,17 @@ def text_task(key: str, preset: str, n_queries: int, data=None, steps=None, **ov
         nll = -logp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)
         return (nll * mask).sum(-1) / mask.sum(-1)
 
+    # the examples the run actually visits (all of them, unless the run was cut with first_steps)
+    visited = sorted(set(i for b in task.schedule for i in b))
     first = {}
-    for i, d in enumerate(train_docs):
-        first.setdefault(d[0], []).append(i)
+    for i in visited:
+        first.setdefault(train_docs[i][0], []).append(i)
     common = sorted(first, key=lambda c: (-len(first[c]), c))[:10]
     groups = {f"startswith:{c}": sorted(first[c]) for c in sorted(common)}
 
     def neighbours(qi: int, k: int) -> list[int]:
         q = queries[qi]
-        d = [(_edit_distance(q, s), i) for i, s in enumerate(train_docs)]
+        d = [(_edit_distance(q, train_docs[i]), i) for i in visited]
         return sorted(i for _, i in sorted(d)[:k])
 
     steps_run = task.steps

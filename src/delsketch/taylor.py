@@ -516,9 +516,9 @@ def _cat(tensors, dim=0):
     cs = [_const(t, K) for t in tensors]
     m = max(c.shape[0] for c in cs)
     cs = [c.expand(m, *c.shape[1:]) if c.shape[0] != m else c for c in cs]
-    # legacy: 1-d empty tensors are skipped by cat
-    cs = [c for c, t in zip(cs, tensors) if not (t.dim() == 1 and t.shape[0] == 0) or nd == 1]
-    return _wrap(torch.cat(cs, _dim(dim, nd)))
+    # as torch.cat does, skip legacy empty 1-d tensors when concatenating higher-rank tensors
+    cs = [c for c, t in zip(cs, tensors) if nd == 1 or not (t.dim() == 1 and t.shape[0] == 0)]
+    return _wrap(torch.cat([_fit(c, nd) for c in cs], _dim(dim, nd)))
 
 
 @rule(aten.stack.default)
@@ -661,14 +661,10 @@ def _index(x, indices):
 @rule(aten.index_put.default, aten._index_put_impl_.default)
 def _index_put(x, indices, values, accumulate=False, unsafe=False):
     K = _K_of(x, values)
-    xc = _const(x, K)
-    vc = _const(values, K)
-    xc, vc = _broadcast_m(xc, vc)
-    if xc.shape[0] != vc.shape[0]:
-        xc = xc.expand(vc.shape[0], *xc.shape[1:])
-    out = xc.clone()
-    # values broadcast against the indexed region; give them the leading [m, K] dims explicitly
-    out = aten.index_put.default(out, [None, None, *indices], vc, accumulate)
+    # logical rank of the indexed region, so that lower-rank values broadcast against it as in torch
+    region_nd = aten.index.Tensor(torch.zeros((), dtype=torch.bool).expand(x.shape), indices).dim()
+    xc, vc = _broadcast_m(_const(x, K), _fit(_const(values, K), region_nd))
+    out = aten.index_put.default(xc.clone(), [None, None, *indices], vc, accumulate)
     return _wrap(out)
 
 
