@@ -119,6 +119,7 @@ class Task:
             "steps": len(self.schedule),
             "normalization": self.normalization,
             "optimizer": self.optimizer.describe(),
+            "model": repr(self.model) if self.model is not None else None,
             "config": self.config,
         }
 

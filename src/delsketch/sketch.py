@@ -263,6 +263,7 @@ def precompute(
     progress: Optional[Callable[[int, int], None]] = None,
     task_spec: Optional[dict] = None,
     max_chunks: Optional[int] = None,
+    only_chunks: Optional[Sequence[int]] = None,
 ) -> "Sketch":
     """Build (or resume) a sketch in directory ``out``.
 
@@ -270,6 +271,9 @@ def precompute(
     the manifest with its checksum, so an interrupted run resumes where it stopped. ``progress(done, total)``
     is called after every training step with counts in direction-steps. ``task_spec`` (JSON) lets the CLI
     rebuild the task on load. ``max_chunks`` stops after that many new chunks (for tests of resumption).
+    ``only_chunks`` computes just those chunk indices: chunks are independent, so workers can build disjoint
+    sets of chunk files elsewhere, and copying every chunk file into one directory and running ``precompute``
+    there again (which finds them, verifies them and records them) assembles the sketch.
     """
     cfg = SketchConfig(directions=directions, degree=degree, seed=seed, chunk=chunk, steps=steps)
     cfg.validate(task)
@@ -309,6 +313,16 @@ def precompute(
     new = 0
     for ci, j0 in enumerate(starts):
         name = _chunk_name(ci)
+        if only_chunks is not None and ci not in only_chunks:
+            continue
+        if name not in chunks and (out / name).exists():
+            adopted = _adopt_chunk(out / name, j0, min(chunk, directions - j0), seed, task.n)
+            if adopted is not None:
+                chunks[name] = adopted
+                done += adopted["count"] * n_steps
+                if base_sha is None and (out / "base.safetensors").exists():
+                    base_sha = _sha256_file(out / "base.safetensors")
+                _write_json(mpath, _manifest(task, cfg, chunks, base_sha, task_spec))
         if name in chunks:
             continue
         if max_chunks is not None and new >= max_chunks:
@@ -353,6 +367,18 @@ def precompute(
 
 
 directions_fn = directions
+
+
+def _adopt_chunk(path: Path, first: int, count: int, seed: int, n: int) -> Optional[dict]:
+    """A chunk file computed elsewhere is taken if it parses and holds exactly the directions it should."""
+    try:
+        t = load_file(path)
+        psi = _real_to_complex(t["psi"])
+    except Exception:
+        return None
+    if psi.shape != (count, n) or not torch.equal(psi, directions_fn(seed, range(first, first + count), n)):
+        return None
+    return {"first": first, "count": count, "sha256": _sha256_file(path)}
 
 
 def _read_manifest(path: Path) -> dict:
