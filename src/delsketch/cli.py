@@ -420,8 +420,8 @@ def main(argv: Optional[list] = None) -> int:
             return rv
     except click.exceptions.Exit as e:
         return e.exit_code
-    except click.exceptions.Abort:
-        err.print("error: aborted")
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        sys.stderr.write("error: interrupted (a sketch resumes where it stopped: run the same command again)\n")
         return 130
     except click.UsageError as e:
         msg = e.format_message().replace("\n", " ")

@@ -279,6 +279,8 @@ def precompute(
     cfg.validate(task)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp"):  # left by a killed writer; the files they were for are rewritten
+        stale.unlink()
     mpath = out / "manifest.json"
     chunks: dict[str, dict] = {}
     base_sha = None
