@@ -1,0 +1,5 @@
+"""``python -m delsketch ...`` is the ``delsketch`` command."""
+
+from .cli import entry
+
+entry()
