@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import zlib
 
@@ -569,3 +570,140 @@ def test_results_do_not_alias_inputs(mode):
                lambda x: R.mul(x, x), lambda x: R.div(x, x), R.reciprocal]:
         fn(a)
     assert torch.equal(a, keep)
+
+
+# ---------------------------------------------------------------------------
+# 5. shortcuts for real degree-0 coefficients in bilinear (against the generic path)
+
+
+def real0_series(gen, m, K, shape, shared=False, col_major=False, real0=True):
+    """Complex series whose degree-0 coefficient is real (complex dtype), optionally the same in all m."""
+    x = complex_series(gen, m, K, shape)
+    if real0:
+        x[:, 0] = (x[:1, 0] if shared else x[:, 0]).real
+    return x.mT.contiguous().mT if col_major else x
+
+
+@pytest.fixture
+def shortcut_calls(monkeypatch):
+    """Let the shortcuts take tensors of any size, and count the calls of each."""
+    monkeypatch.setattr(R, "_MATMUL_MIN_NUMEL", 0)
+    calls = {"matmul": 0, "split": 0}
+    for name, key in [("_matmul_real0", "matmul"), ("_bilinear_real0", "split")]:
+        orig = getattr(R, name)
+
+        def spy(*args, _orig=orig, _key=key):
+            calls[_key] += 1
+            return _orig(*args)
+
+        monkeypatch.setattr(R, name, spy)
+    return calls
+
+
+MATMUL_SHAPES = [
+    ((3, 4), (4, 5)),  # 4-D, coefficients stacked through copies
+    ((2, 8), (8, 1)),  # 4-D, small outputs: products one by one
+    ((6, 2), (2, 6)),
+    ((2, 3, 4), (2, 4, 5)),  # 5-D (heads)
+    ((1, 3, 4), (2, 4, 5)),  # 5-D, broadcasting heads
+    ((2, 3, 4), (1, 4, 5)),
+]
+
+
+@pytest.mark.parametrize("K", [1, 2, 4, 7])
+def test_bilinear_matmul_real0_vs_generic(K, shortcut_calls):
+    """All layouts (row-/column-major a and b), m broadcasts, shared or per-direction a_0, real or complex b_0."""
+    gen = torch.Generator().manual_seed(61 + K)
+    n = 0
+    for (sa, sb), (ma, mb), ta, tb, shared, rb in itertools.product(
+        MATMUL_SHAPES, [(3, 3), (1, 3), (3, 1)], [False, True], [False, True], [False, True], [False, True]
+    ):
+        a = real0_series(gen, ma, K, sa, shared=shared, col_major=ta)
+        b = real0_series(gen, mb, K, sb, shared=shared, col_major=tb, real0=rb)
+        keep = (a.clone(), b.clone())
+        got = R.bilinear(torch.matmul, a, b)
+        ref = R._bilinear_generic(torch.matmul, a, b)
+        what = f"K={K} {sa}{'T' if ta else ''} @ {sb}{'T' if tb else ''} m={ma},{mb} shared={shared} real b0={rb}"
+        assert got.dtype == ref.dtype and got.is_contiguous(), what
+        assert_series_close(got, ref, 1e-13, what)
+        assert torch.equal(a, keep[0]) and torch.equal(b, keep[1]), what
+        assert got.data_ptr() not in (a.data_ptr(), b.data_ptr())
+        assert torch.equal(R.bilinear(torch.matmul, a, b), got), f"not deterministic: {what}"
+        n += 1
+    assert shortcut_calls["matmul"] == (2 * n if K > 1 else 0)
+
+
+def test_bilinear_matmul_real0_vs_jvp(shortcut_calls):
+    """The shortcut against nested jvp (real directions: all degree-0 coefficients real)."""
+    gen = torch.Generator().manual_seed(62)
+    a = path_coeffs(gen, M, K5, (2, 3))
+    b = path_coeffs(gen, M, K5, (3, 4))
+    assert_series_close(R.bilinear(torch.matmul, cs(a), cs(b)), jvp_taylor(torch.matmul, a, b), 1e-12, "matmul")
+    a1 = a[:1]
+    got = R.bilinear(torch.matmul, cs(a1), cs(b))
+    assert_series_close(got, jvp_taylor(torch.matmul, a1.expand_as(a), b), 1e-12, "matmul m-broadcast")
+    # a degree-0 coefficient shared by all directions (the engine's case), the other one not
+    a[:, 0] = a[:1, 0]
+    got = R.bilinear(torch.matmul, cs(a), cs(b.mT.contiguous().mT))
+    assert_series_close(got, jvp_taylor(torch.matmul, a, b), 1e-12, "matmul shared a_0")
+    assert shortcut_calls["matmul"] == 3
+
+
+def _conv1d_op(x, w):
+    """A series convolution as the engine calls it (real conv extended to complex by real calls)."""
+    from delsketch import taylor  # noqa: PLC0415
+
+    return taylor._conv_pair(x, w, [1], [1], [1], 1, False, [0])
+
+
+def _strict_matmul(x, y):
+    assert x.is_complex() == y.is_complex(), "mixed real/complex operands"
+    return torch.matmul(x, y)
+
+
+SPLIT_OPS = [
+    ("conv1d", _conv1d_op, (2, 4, 9), (5, 4, 3)),  # x [N, C, L], w [O, C, k]
+    ("matmul (no mixed operands)", _strict_matmul, (2, 3), (3, 4)),
+    ("mul", torch.mul, (2, 3), (2, 3)),
+    ("mv", lambda x, y: torch.matmul(x, y.unsqueeze(-1)).squeeze(-1), (2, 3), (3,)),
+    ("complex-valued op", lambda x, y: 1j * torch.matmul(x, y), (2, 3), (3, 4)),
+]
+
+
+@pytest.mark.parametrize("name,op,sa,sb", SPLIT_OPS, ids=[o[0] for o in SPLIT_OPS])
+def test_bilinear_split_vs_generic(name, op, sa, sb, shortcut_calls):
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    n = 0
+    for K, (ma, mb), shared in itertools.product([2, 4, 6], [(3, 3), (1, 3), (3, 1)], [False, True]):
+        a = real0_series(gen, ma, K, sa, shared=shared)
+        b = real0_series(gen, mb, K, sb, shared=shared)
+        keep = (a.clone(), b.clone())
+        got = R.bilinear(op, a, b, split=True)
+        ref = R._bilinear_generic(op, a, b)
+        assert got.dtype == ref.dtype
+        assert_series_close(got, ref, 1e-13, f"{name} K={K} m={ma},{mb} shared={shared}")
+        assert torch.equal(a, keep[0]) and torch.equal(b, keep[1])
+        assert torch.equal(R.bilinear(op, a, b, split=True), got)
+        n += 1
+    assert shortcut_calls["split"] == 2 * n
+
+
+def test_bilinear_shortcut_fallbacks(shortcut_calls, monkeypatch):
+    """Complex degree-0 coefficients, split=False and the switch take the generic path (bit for bit)."""
+    gen = torch.Generator().manual_seed(63)
+    a = complex_series(gen, M, 4, (3, 4))
+    b = real0_series(gen, M, 4, (4, 5))
+    c = real0_series(gen, M, 4, (3, 4))
+    d = complex_series(gen, M, 4, (4, 5))
+    # matmul needs a real a_0; split needs both real
+    assert torch.equal(R.bilinear(torch.matmul, a, b), R._bilinear_generic(torch.matmul, a, b))
+    for x, y in [(a, b), (c, d)]:
+        assert torch.equal(R.bilinear(_strict_matmul, x, y, split=True), R._bilinear_generic(torch.matmul, x, y))
+    assert torch.equal(R.bilinear(_strict_matmul, c, b), R._bilinear_generic(torch.matmul, c, b))  # split=False
+    assert shortcut_calls == {"matmul": 0, "split": 0}
+    monkeypatch.setattr(R, "_FAST_REAL0", False)
+    assert torch.equal(R.bilinear(torch.matmul, c, b), R._bilinear_generic(torch.matmul, c, b))
+    assert shortcut_calls == {"matmul": 0, "split": 0}
+    monkeypatch.setattr(R, "_FAST_REAL0", True)
+    R.bilinear(torch.matmul, c, b)
+    assert shortcut_calls == {"matmul": 1, "split": 0}

@@ -30,6 +30,14 @@ Each recurrence is a Python loop over k whose steps are vectorized over ``m``
 and ``*shape``; for small K (or large tensors) each step is a short chain of
 fused ``addcmul_`` calls, for large K on small tensors a single product-sum.
 
+Real degree-0 coefficients.  In the engine every degree-0 coefficient is real
+(complex dtype, zero imaginary part) and usually the same in all directions.
+``bilinear(torch.matmul, ...)`` uses that (see :func:`_matmul_real0`), and
+``bilinear(..., split=True)`` does for real ops extended to complex operands.
+``mul`` does not: an elementwise complex x real product is not faster than
+complex x complex in torch on CPU (the real operand is promoted; both are
+memory-bound), measured.
+
 Branches: at the degree-0 coefficient the kernels use torch's principal
 branches (``log``, ``pow``, ``sqrt`` of a negative real are complex).  Kernels
 that are not analytic at a zero degree-0 coefficient (log, sqrt, rsqrt,
@@ -274,19 +282,54 @@ def _square(a: torch.Tensor) -> torch.Tensor:
 
 
 def bilinear(
-    op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: torch.Tensor, b: torch.Tensor
+    op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    split: bool = False,
 ) -> torch.Tensor:
     """c_k = sum_{j<=k} op(a[:, j], b[:, k-j]) for a bilinear ``op``.
 
     ``op(x, y)`` receives ``[m_a, *sa]`` and ``[m_b, *sb]`` tensors (one of the
     m's may be 1) and must treat dim 0 as a batch axis (e.g. ``torch.matmul``
     for ``*sa``, ``*sb`` of rank >= 2).  Returns ``[m, K, *out]``.
+
+    Shortcuts for real degree-0 coefficients (complex dtype, zero imaginary
+    part: the engine's case), same results up to rounding:
+
+    * ``op is torch.matmul`` (operands of equal rank >= 4, real a_0, not
+      tiny): see :func:`_matmul_real0`.
+    * ``split=True``, for an op that is a real op extended to complex operands
+      by several real calls (as taylor does for convolutions), when a_0 and b_0
+      are real: the products with a_0 or b_0 become real calls, see
+      :func:`_bilinear_real0`; op then also receives real tensors whose dim 0
+      stacks several coefficients.  Not the default: for ops that are cheap on
+      complex operands (elementwise products, matrix-vector products) the
+      split costs more than it saves.
     """
     _check_series(a, "bilinear")
     _check_series(b, "bilinear")
     K = a.shape[1]
     if b.shape[1] != K:
         raise ValueError(f"bilinear: series lengths differ (K = {K} vs {b.shape[1]})")
+    if _FAST_REAL0 and K > 1 and a.is_complex() and b.dtype == a.dtype:
+        if op is torch.matmul:
+            if a.dim() == b.dim() >= 4 and a.numel() + b.numel() > _MATMUL_MIN_NUMEL and _real0(a):
+                return _matmul_real0(a, b)
+        elif split and _real0(a) and _real0(b):
+            return _bilinear_real0(op, a, b)
+    return _bilinear_generic(op, a, b)
+
+
+# Shortcuts for real degree-0 coefficients in bilinear (tests switch them off to compare, or
+# lower the size threshold, below which the extra calls cost more than they save).
+_FAST_REAL0 = True
+_MATMUL_MIN_NUMEL = 1 << 17
+
+
+def _bilinear_generic(op, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """bilinear without shortcuts: K(K+1)/2 calls of op on the coefficients as they are."""
+    K = a.shape[1]
     first = op(a[:, 0], b[:, 0])
     out = torch.empty((first.shape[0], K) + tuple(first.shape[1:]), dtype=first.dtype, device=first.device)
     out[:, 0] = first
@@ -297,6 +340,178 @@ def bilinear(
         for j in range(1, k + 1):
             ok += op(a[:, j], b[:, k - j])
     return out
+
+
+def _real0(x: torch.Tensor) -> bool:
+    """Complex x whose degree-0 coefficient has zero imaginary part everywhere (one pass over x[:, 0])."""
+    return x.is_complex() and not bool(torch.count_nonzero(x[:, 0].imag))
+
+
+def _shared0(x0: torch.Tensor) -> torch.Tensor:
+    """x0 [m, *s] -> x0[:1] when all m directions hold the same value (one pass), else x0."""
+    if x0.shape[0] > 1 and torch.equal(x0, x0[:1].expand_as(x0)):
+        return x0[:1]
+    return x0
+
+
+def _add_middle(op, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out[:, k] += sum_{j=1..k-1} op(a_j, b_{k-j}): the products without a degree-0 factor."""
+    for k in range(2, a.shape[1]):
+        ok = out[:, k]
+        for j in range(1, k):
+            ok += op(a[:, j], b[:, k - j])
+
+
+def _stack_parts(x: torch.Tensor, m: int) -> torch.Tensor:
+    """Complex coefficients x [mx, K', *s] -> real [2 K' m, *s]: (real/imag, k, direction) on dim 0."""
+    if x.shape[0] != m:
+        x = x.expand((m,) + tuple(x.shape[1:]))
+    xr = torch.view_as_real(x).movedim(-1, 0).transpose(1, 2)  # [2, K', m, *s]
+    return xr.reshape((-1,) + tuple(x.shape[2:]))
+
+
+def _parts_product(op, x0: torch.Tensor, y: torch.Tensor, left: bool) -> torch.Tensor:
+    """op(x0, y_k) (left) or op(y_k, x0) for all k of y [my, K', *s] in one call; x0 real [mx, *s0].
+
+    Returns a real (or, for an op that makes complex values from real ones,
+    complex) tensor [2, K', m, *out]: the products with the real parts of y,
+    then with the imaginary parts.
+    """
+    m = max(x0.shape[0], y.shape[0])
+    n = 2 * y.shape[1]
+    if x0.shape[0] == 1:
+        ys = _stack_parts(y, y.shape[0])
+    else:
+        ys = _stack_parts(y, m)
+        x0 = x0.repeat((n,) + (1,) * (x0.dim() - 1))
+    r = op(x0, ys) if left else op(ys, x0)
+    return r.view((2, y.shape[1], -1) + tuple(r.shape[1:]))
+
+
+def _bilinear_real0(op, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """bilinear for complex a, b with real degree-0 coefficients, for any op.
+
+    a_0 b_0 is one real op call (with m = 1 when a_0 and b_0 are the same in
+    all directions); a_0 b_k for k >= 1 is one real op call on the real and
+    imaginary parts of b_1..b_{K-1} stacked on dim 0, and likewise a_k b_0; the
+    (K-1)(K-2)/2 remaining products are complex.  For an op that makes a
+    complex call out of four real ones this replaces 2K-1 complex calls (8K-4
+    real ones) by 4K-3 real ones, at the price of copying the coefficients
+    into real and imaginary parts and back.
+    """
+    K = a.shape[1]
+    M = max(a.shape[0], b.shape[0])
+    a0 = _shared0(a[:, 0].real)
+    b0 = _shared0(b[:, 0].real)
+    c0 = op(a0, b0)
+    out = torch.empty((M, K) + tuple(c0.shape[1:]), dtype=torch.promote_types(c0.dtype, a.dtype), device=c0.device)
+    out[:, 0] = c0
+    del c0
+    p = _parts_product(op, a0, b[:, 1:], True)
+    q = _parts_product(op, b0, a[:, 1:], False)
+    hi = out[:, 1:]
+    if p.is_complex() or q.is_complex():  # op(real, real) need not be real for a complex-bilinear op
+        hi.copy_((p[0] + q[0] + 1j * (p[1] + q[1])).transpose(0, 1))
+    else:
+        s = p + q
+        torch.view_as_real(hi).copy_(s.movedim(0, -1).transpose(0, 1))
+        del s
+    del p, q
+    _add_middle(op, out, a, b)
+    return out
+
+
+def _matmul_real0(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """bilinear(torch.matmul, a, b) for a, b of equal rank >= 4 and a real degree-0 coefficient of a.
+
+    The products a_0 b_k (k = 0..K-1) are one matmul with a_0 entering with
+    m = 1 when it is the same in all directions.  When the rows of b are
+    contiguous it is a real matmul against b viewed as real [.., q, 2n] (no
+    copy): half the flops, and 2-3x faster than the K complex matmuls it
+    replaces.  (A column-major b cannot be split into real and imaginary
+    parts without a slow transposing copy, so there it stays complex.)  The
+    other K(K-1)/2 products are K-1 complex matmuls, see :func:`_matmul_rest`.
+    """
+    M = max(a.shape[0], b.shape[0])
+    a0 = _shared0(a[:, 0].real).unsqueeze(1)  # [m or 1, 1, .., p, q]
+    if b.stride(-1) != 1 and a0[0].numel() > a0.shape[-1] * a0.shape[-2] and b.numel() < a.numel():
+        # a complex a_0 would be expanded over b's batch axes by matmul (a copy of a's size);
+        # when b is smaller, copying b into row-major order is the cheaper copy
+        b = b.contiguous()
+    if b.stride(-1) == 1:
+        r = torch.matmul(a0.contiguous(), torch.view_as_real(b).flatten(-2))  # [., K, .., p, 2n]
+        out = torch.view_as_complex(r.unflatten(-1, (-1, 2)))
+    else:
+        out = torch.matmul(a0.to(b.dtype), b)
+    if out.shape[0] != M:
+        out = out.expand((M,) + tuple(out.shape[1:])).contiguous()
+    _matmul_rest(out, a, b)
+    return out
+
+
+def _col_major(x: torch.Tensor) -> bool:
+    """The matrices x[..., :, :] are stored column by column (x is a transposed view)."""
+    return x.stride(-2) == 1 and x.stride(-1) != 1
+
+
+def _matmul_rest(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out[:, k] += sum_{j=1..k} a_j b_{k-j} for k >= 1, as K-1 complex matmuls.
+
+    The k products are one matmul with a k times longer inner dimension: the
+    blocks a_j side by side ([.., p, k q]) times the blocks b_{k-j} stacked
+    ([.., k q, n]).  The block matrices are views of one copy of a and one of
+    b (or of a or b itself, for 4-D series whose layout already fits), made
+    from row-major or column-major data as it is stored.  This saves
+    (K-1)(K-2)/2 temporaries and additions of the size of an output
+    coefficient and makes the matmuls more efficient; when the copies are
+    larger than that, the products are done one by one instead.
+    """
+    K = a.shape[1]
+    if K == 1:
+        return
+    q = a.shape[-1]
+    at = a.mT
+    a_t = _col_major(a)  # x_k = [a_1 .. a_k] from a^T's row blocks, y_k = [b_{k-1}; ..; b_0]; else reversed
+    x_view = a_t and a.dim() == 4 and at.stride(1) == q * at.stride(-2)
+    y_view = not a_t and b.dim() == 4 and not _col_major(b) and b.stride(1) == q * b.stride(-2)
+    copies = (0 if x_view else a[:, 1:].numel()) + (0 if y_view else b[:, 1:].numel())
+    if a.dim() == 4 and copies > (K - 1) * (K - 2) // 2 * out[:, 0].numel():
+        # (for rank > 4, matmul copies every coefficient it is given anyway: its batch axes do not merge)
+        for k in range(1, K):
+            ok = out[:, k]
+            for j in range(1, k + 1):
+                ok += torch.matmul(a[:, j], b[:, k - j])
+        return
+    if a_t:
+        xs = at[:, 1:] if x_view else torch.stack([at[:, j] for j in range(1, K)], dim=-3)  # [.., K-1, q, p]
+        xk = lambda k: xs[..., :k, :, :].flatten(-3, -2).mT  # noqa: E731
+        ys = _row_blocks(b, range(K - 2, -1, -1), False)
+        yk = lambda k: ys(K - 1 - k, K - 1)  # noqa: E731
+    else:
+        xs = torch.stack([a[:, j] for j in range(K - 1, 0, -1)], dim=-2)  # [.., p, K-1, q]
+        xk = lambda k: xs[..., K - 1 - k :, :].flatten(-2)  # noqa: E731
+        ys = _row_blocks(b, range(K - 1), y_view)
+        yk = lambda k: ys(0, k)  # noqa: E731
+    for k in range(1, K):
+        out[:, k] += torch.matmul(xk(k), yk(k))
+
+
+def _row_blocks(b: torch.Tensor, order, view: bool) -> Callable[[int, int], torch.Tensor]:
+    """f(i, j): the coefficients b[:, order[i:j]] stacked as row blocks, a [.., (j-i) q, n] matrix.
+
+    ``view``: order is 0, 1, ... and b is a 4-D series whose coefficients are
+    already stacked like that in memory.  Otherwise one copy of the listed
+    coefficients, from b's row-major or column-major storage as it is.
+    """
+    if view:
+        return lambda i, j: b[:, i:j].flatten(1, 2)
+    order = list(order)
+    if _col_major(b):
+        # stacked rows of b = side-by-side columns of b^T: copy the row-major b^T blocks side by side
+        bt = torch.stack([b[:, i].mT for i in order], dim=-2)  # [.., n, len, q]
+        return lambda i, j: bt[..., i:j, :].flatten(-2).mT
+    bs = torch.stack([b[:, i] for i in order], dim=-3)  # [.., len, q, n]
+    return lambda i, j: bs[..., i:j, :, :].flatten(-3, -2)
 
 
 # ---------------------------------------------------------------------------

@@ -951,6 +951,7 @@ def _convolution(x, w, bias, stride, padding, dilation, transposed, output_paddi
             lambda a, b: _conv_pair(a, b, stride, padding, dilation, groups, transposed, output_padding),
             x._c,
             w._c,
+            split=True,
         )
     elif isinstance(x, Series):
         c = x._c
@@ -966,6 +967,7 @@ def _convolution(x, w, bias, stride, padding, dilation, transposed, output_paddi
                 lambda a, b: _conv_pair(a, b, stride, padding, dilation, groups, transposed, output_padding),
                 _const(x, K),
                 c,
+                split=True,
             )
         else:
             wf = c.reshape(m * K * c.shape[2], *c.shape[3:])
@@ -1008,7 +1010,7 @@ def _convolution_backward(
             )[0])(gf, wf)
             return r.reshape(N, m, *in_shape[1:]).transpose(0, 1)
 
-        gi = _wrap(ring.bilinear(op_in, go, wc))
+        gi = _wrap(ring.bilinear(op_in, go, wc, split=True))
     if output_mask[1]:
         xc = _const(input, K)
         w_shape = tuple(weight.shape)
@@ -1024,7 +1026,7 @@ def _convolution_backward(
             )[1])(gf, xf)
             return r.reshape(m, *w_shape)
 
-        gw = _wrap(ring.bilinear(op_w, go, xc))
+        gw = _wrap(ring.bilinear(op_w, go, xc, split=True))
     if output_mask[2]:
         dims = [0] + list(range(2, 2 + nsp))
         gb = _sum_dim(grad_output, dims) if isinstance(grad_output, Series) else grad_output.sum(dims)
