@@ -28,7 +28,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -104,6 +104,7 @@ def _write_json(path: Path, obj: dict) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(obj, indent=1) + "\n")
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
