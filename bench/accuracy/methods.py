@@ -121,7 +121,7 @@ def sketch_coefficients(bt, directory: Path, directions: int, degree: int, seed:
     t0 = time.perf_counter()
     S = sk.precompute(bt.task, directory, directions=directions, degree=degree, seed=seed)
     wall = time.perf_counter() - t0
-    chunk_times = json.loads((directory / "timings.json").read_text())["chunks"]
+    chunk_times = chunk_timings(directory)
     t1 = time.perf_counter()
     coeffs = np.stack([S.coefficients(q).numpy() for q in bt.queries])  # [Q, m, K]
     t_coef = (time.perf_counter() - t1) / len(bt.queries)
@@ -132,9 +132,21 @@ def sketch_coefficients(bt, directory: Path, directions: int, degree: int, seed:
                      "safe_deletion_size": r["safe_deletion_size"],
                      "safe_deletion_size_worst_case": r["safe_deletion_size_worst_case"],
                      "log2_size": [d["log2_size"] for d in r["degrees"]]})
-    return {"psi": S.psi().numpy(), "coeffs": coeffs, "chunk_times": [chunk_times[k] for k in sorted(chunk_times)],
-            "chunk": 16, "precompute_wall_s": wall, "coef_s_per_query": t_coef, "stability": stab,
+    return {"psi": S.psi().numpy(), "coeffs": coeffs, "chunk_times": chunk_times, "precompute_wall_s": wall, "coef_s_per_query": t_coef, "stability": stab,
             "n": bt.task.n, "degree": degree}
+
+
+def chunk_timings(directory: Path) -> list[tuple[int, int, float]]:
+    """(first direction, count, seconds) of every chunk of a stored sketch (manifest.json + timings.json)."""
+    directory = Path(directory)
+    man = json.loads((directory / "manifest.json").read_text())
+    times = json.loads((directory / "timings.json").read_text())["chunks"]
+    return sorted((c["first"], c["count"], float(times[name])) for name, c in man["chunks"].items())
+
+
+def precompute_seconds(chunks: list[tuple[int, int, float]], m: int) -> float:
+    """Precompute time of the first m directions (a partly used chunk counts pro rata)."""
+    return float(sum(t * min(1.0, max(0.0, (m - first) / count)) for first, count, t in chunks))
 
 
 def sketch_terms(sc: dict, sets: list[list[int]], m: int) -> np.ndarray:

@@ -183,15 +183,18 @@ def _dattri_loss(bt):
     return loss_func
 
 
-def _loaders(bt, batch=None):
+def _loaders(bt, batch=None, test_batch=None):
     from torch.utils.data import DataLoader, TensorDataset
 
     tr = DataLoader(TensorDataset(*_train(bt)), batch_size=batch or len(bt.pool), shuffle=False)
-    te = DataLoader(TensorDataset(bt.test_x, bt.test_y), batch_size=len(bt.test_x), shuffle=False)
+    te = DataLoader(TensorDataset(bt.test_x, bt.test_y), batch_size=test_batch or len(bt.test_x), shuffle=False)
     return tr, te
 
 
 IF_REGULARIZATION = 1e-2
+IF_MODE = "rev-rev"  # dattri's default
+IF_HESSIAN_EXAMPLES = {"digits": None, "names": 64, "paper": 64}  # None: all; text tasks: a fixed random subsample
+# (with all 300 names in the Hessian batch dattri's CG exceeded 14 GB of memory, even for one test vector)
 
 
 def dattri_if_cg(bt) -> dict:
@@ -201,14 +204,26 @@ def dattri_if_cg(bt) -> dict:
     p = final_params(bt)
     model = _load_into(bt.model, p)
     task = AttributionTask(loss_func=_dattri_loss(bt), model=model, checkpoints=model.state_dict())
-    attr = IFAttributorCG(task=task, max_iter=10, regularization=IF_REGULARIZATION)
-    full, test = _loaders(bt)  # one batch: the Hessian is that of the mean training loss
-    attr.cache(full)
-    train1, _ = _loaders(bt, batch=64)
-    s = attr.attribute(train1, test)  # [n, Q] = g_i^T (H + reg I)^-1 g_q
+    attr = IFAttributorCG(task=task, max_iter=10, regularization=IF_REGULARIZATION, mode=IF_MODE)
+    # one batch: the Hessian is that of the mean training loss; test vectors 5 at a time (dattri vmaps the CG
+    # solves over a test batch: all 25 at once took > 23 GB on names)
+    full, test = _loaders(bt, test_batch=5)
+    h = IF_HESSIAN_EXAMPLES.get(bt.key.split("-")[0])
+    if h is not None and h < len(bt.pool):
+        from torch.utils.data import DataLoader, TensorDataset
+
+        sub = torch.randperm(len(bt.pool), generator=torch.Generator().manual_seed(0))[:h]
+        x, y = _train(bt)
+        hess = DataLoader(TensorDataset(x[sub], y[sub]), batch_size=h, shuffle=False)
+    else:
+        hess = full
+    attr.cache(hess)
+    # one training batch too: dattri redoes the CG solves for every training batch
+    s = attr.attribute(full, test)  # [n, Q] = g_i^T (H + reg I)^-1 g_q
     return {"scores": s.detach().double().numpy() / len(bt.pool), "rank_only": False,
-            "settings": {"max_iter": 10, "tol": 1e-7, "mode": "rev-rev", "regularization": IF_REGULARIZATION,
-                         "hessian": "mean training loss at the trained parameters (one full batch)",
+            "settings": {"max_iter": 10, "tol": 1e-7, "mode": IF_MODE, "regularization": IF_REGULARIZATION,
+                         "hessian": "mean training loss at the trained parameters, one batch of "
+                                    + (f"{h} random training examples" if h is not None and h < len(bt.pool) else "all training examples"),
                          "scale": "score / n"}}
 
 
@@ -272,32 +287,108 @@ def dattri_trak(bt) -> dict:
 # ------------------------------------------------------------------------------------------------ kronfluence
 
 
+class LinearMicroGPT(nn.Module):
+    """delsketch's microgpt with its matrices as nn.Linear(bias=False) modules (same arithmetic), so that
+    kronfluence, which factors nn.Linear / nn.Conv2d modules only, can see them. The embeddings stay plain
+    parameters (not factored, as usual for EK-FAC)."""
+
+    def __init__(self, ref: nn.Module):
+        super().__init__()
+        from delsketch.presets.microgpt import _rmsnorm
+
+        self._rmsnorm = _rmsnorm
+        cfg = ref.cfg
+        V, C = cfg.vocab_size, cfg.n_embd
+        self.cfg = cfg
+        self.wte = nn.Parameter(torch.empty(V, C, dtype=torch.float64))
+        self.wpe = nn.Parameter(torch.empty(cfg.block_size, C, dtype=torch.float64))
+        self.lm_head = nn.Linear(C, V, bias=False, dtype=torch.float64)
+        lin = lambda i, o: nn.Linear(i, o, bias=False, dtype=torch.float64)  # noqa: E731
+        self.blocks = nn.ModuleList()
+        for _ in range(cfg.n_layer):
+            b = nn.Module()
+            b.attn_wq, b.attn_wk, b.attn_wv, b.attn_wo = lin(C, C), lin(C, C), lin(C, C), lin(C, C)
+            b.mlp_fc1, b.mlp_fc2 = lin(C, 4 * C), lin(4 * C, C)
+            self.blocks.append(b)
+        self.n_head, self.head_dim = cfg.n_head, C // cfg.n_head
+        self.scale = 1.0 / (self.head_dim ** 0.5)
+        T = cfg.block_size
+        self.register_buffer("future", torch.ones(T, T, dtype=torch.bool).triu(1), persistent=False)
+
+    def load(self, params: dict) -> "LinearMicroGPT":
+        with torch.no_grad():
+            self.wte.copy_(params["wte"])
+            self.wpe.copy_(params["wpe"])
+            self.lm_head.weight.copy_(params["lm_head"])
+            for li, b in enumerate(self.blocks):
+                for k in ("attn_wq", "attn_wk", "attn_wv", "attn_wo", "mlp_fc1", "mlp_fc2"):
+                    getattr(b, k).weight.copy_(params[f"layer{li}.{k}"])
+        return self
+
+    def forward(self, tokens):
+        import torch.nn.functional as F
+
+        B, T = tokens.shape
+        H, hd = self.n_head, self.head_dim
+        x = self._rmsnorm(F.embedding(tokens, self.wte) + self.wpe[:T])
+        future = self.future[:T, :T]
+        for b in self.blocks:
+            res = x
+            h = self._rmsnorm(x)
+            q = (b.attn_wq(h) * self.scale).reshape(B, T, H, hd).transpose(1, 2)
+            k = b.attn_wk(h).reshape(B, T, H, hd).transpose(1, 2)
+            v = b.attn_wv(h).reshape(B, T, H, hd).transpose(1, 2)
+            att = torch.softmax((q @ k.transpose(-1, -2)).masked_fill(future, float("-inf")), dim=-1)
+            x = b.attn_wo((att @ v).transpose(1, 2).reshape(B, T, -1)) + res
+            res = x
+            x = b.mlp_fc2(F.gelu(b.mlp_fc1(self._rmsnorm(x)), approximate="none")) + res
+        return self.lm_head(x)
+
+
+def _per_example_ce(logits, y):
+    logp = torch.log_softmax(logits, -1)
+    if y.dim() == 1:
+        return -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    mask = (y >= 0).to(logp.dtype)
+    nll = -logp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return (nll * mask).sum(-1) / mask.sum(-1)
+
+
 def kronfluence_ekfac(bt) -> dict:
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task as KTask
     from torch.utils.data import TensorDataset
 
-    if not any(isinstance(m, nn.Linear) for m in bt.model.modules()):
-        raise RuntimeError("kronfluence tracks nn.Linear/nn.Conv2d modules only; this model uses raw "
-                           "parameters with F.linear (microgpt), so there is nothing for EK-FAC to factor")
     p = final_params(bt)
-    model = _load_into(bt.model, p)
-    loss = bt.loss
+    ported = not any(isinstance(m, nn.Linear) for m in bt.model.modules())
+    if ported:  # microgpt: raw parameters with F.linear -> the same model with nn.Linear modules
+        model = LinearMicroGPT(bt.model).load(p)
+        with torch.no_grad():
+            diff = (_per_example_ce(model(bt.train_x[:20]), bt.train_y[:20])
+                    - bt.loss(p, bt.train_x[:20], bt.train_y[:20])).abs().max()
+        assert diff < 1e-10, f"ported microgpt differs from the preset's by {diff}"
+    else:
+        model = _load_into(bt.model, p)
 
     class KT(KTask):
         def compute_train_loss(self, batch, model, sample=False):
             x, y = batch
             logits = model(x)
-            if not sample:
-                return torch.nn.functional.cross_entropy(logits, y, reduction="sum")
-            with torch.no_grad():
-                yy = torch.multinomial(torch.softmax(logits.detach(), -1), 1).flatten()
-            return torch.nn.functional.cross_entropy(logits, yy, reduction="sum")
+            if sample:  # the true Fisher: labels drawn from the model (padded positions stay padded)
+                with torch.no_grad():
+                    probs = torch.softmax(logits.detach(), -1)
+                    yy = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(y.shape)
+                    y = torch.where(y >= 0, yy, y)
+            return _per_example_ce(logits, y).sum()
 
         def compute_measurement(self, batch, model):
             x, y = batch
-            return torch.nn.functional.cross_entropy(model(x), y, reduction="sum")
+            return _per_example_ce(model(x), y).sum()
+
+        def get_attention_mask(self, batch):
+            x, y = batch
+            return (y >= 0).to(torch.long) if y.dim() == 2 else None
 
     model = prepare_model(model, KT())
     out = Path(tempfile.mkdtemp(prefix="kronfluence-"))
@@ -314,8 +405,10 @@ def kronfluence_ekfac(bt) -> dict:
     s = an.load_pairwise_scores("s")["all_modules"]  # [Q, n]
     return {"scores": s.detach().double().numpy().T / len(bt.pool), "rank_only": False,
             "settings": {"strategy": "ekfac", "damping_factor": "None (kronfluence heuristic: 0.1 x mean eigenvalue)",
-                         "train loss": "summed cross-entropy (kronfluence convention), true Fisher (sampled labels)",
-                         "modules": "all nn.Linear (fc1, fc2)", "scale": "score / n"}}
+                         "train loss": "summed per-example loss (kronfluence convention), true Fisher (sampled labels)",
+                         "modules": ("the 7 matrices of microgpt, ported to nn.Linear (checked equal to the preset's "
+                                     "loss); embeddings not factored") if ported else "all nn.Linear (fc1, fc2)",
+                         "scale": "score / n"}}
 
 
 PEERS = {

@@ -88,25 +88,28 @@ def plot(key: str, res: dict, pdata: dict, path: Path) -> None:
     cols = 4
     rows = math.ceil(len(fams) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.8 * rows), squeeze=False)
+    mmax = max(int(m.split("m=")[1].split()[0]) for m in names if m.startswith("sketch"))
+    sk1 = f"sketch m={mmax} d=1"
     for ax, fam in zip(axes.flat, fams):
         T = np.asarray(pdata[fam]["true"]).ravel()
         M = res["families"][fam]["methods"]
-        show = [(sk, "C0", "o")]
-        show.append(("first-order", "C1", "^"))
+        show = [(sk1, "C0", "o"), (sk, "C9", "."), ("first-order", "C1", "^")]
         bp = best_peer(M, [p for p in peers if not res["rank_only"].get(p)])
         if bp:
             show.append((bp, "C2", "s"))
         lo, hi = T.min(), T.max()
+        pad = 0.3 * (hi - lo + 1e-12)
+        lo, hi = lo - pad, hi + pad
         for name, c, mk in show:
-            P = np.asarray(pdata[fam]["pred"][name]).ravel()
-            ax.scatter(T, P, s=7, alpha=0.5, c=c, marker=mk,
+            P = np.clip(np.asarray(pdata[fam]["pred"][name]).ravel(), lo, hi)
+            ax.scatter(T, P, s=8, alpha=0.45, c=c, marker=mk,
                        label=f"{_short(name)} ρ={_f(M[name]['spearman'])}")
-            lo, hi = min(lo, P.min()), max(hi, P.max())
-        pad = 0.05 * (hi - lo + 1e-12)
-        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "k--", lw=0.7)
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.7)
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
         ax.set_title(f"{key}: {fam}", fontsize=9)
         ax.set_xlabel("actual change (retraining)", fontsize=8)
-        ax.set_ylabel("predicted change", fontsize=8)
+        ax.set_ylabel("predicted change (clipped to frame)", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=6.5, loc="upper left")
     for ax in list(axes.flat)[len(fams):]:
@@ -158,7 +161,9 @@ def write(out: dict, plots: dict, md: Path, figdir: Path) -> None:
         lines += [f"**Stability** (`sketch.stability(query)`, largest sketch, per query): verdicts "
                   + ", ".join(f"{k} ×{v}" for k, v in verdicts.items())
                   + (f"; decay per degree median {np.median(decay):.2f}; safe deletion size median {np.median(safe):.0f} "
-                     f"(range {min(safe):.0f}–{max(safe):.0f}) of n = {res['n']}." if safe else "."), ""]
+                     f"(range {min(safe):.0f}–{max(safe):.0f}) of n = {res['n']}"
+                     + (f" (the run visits {res['visited']} of them)" if res.get("visited", res["n"]) != res["n"] else "")
+                     + "." if safe else "."), ""]
         o = res["orientation_self_deletion_positive"]
         lines += ["**Orientation check** (fraction of 5 training examples whose own loss each method predicts to rise "
                   "when the example is deleted; truth: " + _f(o["truth_positive"]) + "): "

@@ -41,10 +41,10 @@ FRACTIONS = [0.01, 0.02, 0.05, 0.10, 0.50]
 
 # per task: queries, leave-one-out examples, random sets per size, sketch sizes
 FULL = {
-    "digits": dict(queries=20, loo=100, sets=40, ms=[64, 256], degree=3, topk=0.05),
+    "digits": dict(queries=20, loo=100, sets=40, ms=[64, 256, 1024], degree=3, topk=0.05),
     "digits-fullbatch": dict(queries=20, loo=60, sets=30, ms=[64, 256], degree=3, topk=0.05),
     "names": dict(queries=20, loo=60, sets=30, ms=[64, 256], degree=3, topk=0.05),
-    "paper": dict(queries=10, loo=30, sets=20, ms=[64], degree=3, topk=0.05, steps=100),
+    "paper": dict(queries=10, loo=30, sets=20, ms=[64], degree=3, topk=0.05, steps=300),
 }
 SMALL = {
     "digits": dict(queries=10, loo=24, sets=12, ms=[64, 256], degree=3, topk=0.05),
@@ -59,13 +59,20 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+CHILD_MEMORY_GB = 14  # address-space limit of every forked method process (a MemoryError, not the OOM killer)
+
+
 def in_child(fn, *args):
     """Run fn(*args) in a forked process; return (result, seconds, peak RSS MB of that process)."""
+    import queue as _queue
+
     ctx = mp.get_context("fork")
     q = ctx.Queue()
 
     def target():
         torch.set_num_threads(1)
+        lim = int(CHILD_MEMORY_GB * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
         t0 = time.perf_counter()
         try:
             res = fn(*args)
@@ -75,7 +82,13 @@ def in_child(fn, *args):
 
     p = ctx.Process(target=target)
     p.start()
-    status, res, dt, rss = q.get()
+    while True:
+        try:
+            status, res, dt, rss = q.get(timeout=5)
+            break
+        except _queue.Empty:
+            if not p.is_alive():
+                raise RuntimeError(f"the method's process died (exit code {p.exitcode})") from None
     p.join()
     if status != "ok":
         raise RuntimeError(res)
@@ -152,11 +165,12 @@ def run_task(key: str, cfg: dict, args, peer_names: list[str]) -> dict:
     mmax = max(cfg["ms"])
     sdir = Path(args.workdir) / f"sketch-{key}-m{mmax}-d{cfg['degree']}"
     sc, dt, rss = in_child(methods.sketch_coefficients, bt, sdir, mmax, cfg["degree"], args.seed, args.reuse)
-    per_chunk = sc["chunk_times"]
     for m in cfg["ms"]:
-        timing[f"sketch m={m}"] = {"precompute_s": float(sum(per_chunk[: math.ceil(m / sc["chunk"])])),
+        timing[f"sketch m={m}"] = {"precompute_s": methods.precompute_seconds(sc["chunk_times"], m),
+                                   "chunk": sc["chunk_times"][0][1],
                                    "coef_per_query_s": sc["coef_s_per_query"], "peak_rss_mb": rss}
-    log(f"{key}: sketch m={mmax} degree {cfg['degree']} precomputed in {sum(per_chunk):.1f}s")
+    log(f"{key}: sketch m={mmax} degree {cfg['degree']} precomputed in "
+        f"{methods.precompute_seconds(sc['chunk_times'], mmax):.1f}s")
     res["sketch_predict_check_max_abs_diff"] = methods.check_predict(bt, sdir, sc, [[0], [1, 2, 3], list(range(0, n, 3))], mmax)
     res["stability"] = sc["stability"][:Q]
 
@@ -279,11 +293,23 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=str(HERE / "work"), help="where sketches are stored")
     ap.add_argument("--reuse", action="store_true", help="reuse stored sketches (timings then come from timings.json)")
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite --md and the figures from --json and the plot data saved next to it (no runs)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
+    import pickle
+
     import peers as bpeers
     import report
+
+    figdir = Path(args.figures) if args.figures else Path(args.md).parent / "figures"
+    plot_file = Path(args.workdir) / (Path(args.json).stem + "-plots.pkl")
+    if args.report_only:
+        out = json.loads(Path(args.json).read_text())
+        report.write(out, pickle.loads(plot_file.read_bytes()), Path(args.md), figdir)
+        log(f"wrote {args.md}, figures in {figdir}")
+        return 0
 
     configs = SMALL if args.small else FULL
     keys = args.tasks.split(",") if args.tasks else [k for k in configs if k != "paper" or args.data]
@@ -294,7 +320,8 @@ def main(argv=None) -> int:
     else:
         peer_names = args.peers.split(",")
     unavailable = {p: bpeers.why_unavailable(p) for p in bpeers.PEERS if p not in peer_names}
-    out = {"generated_by": "python bench/accuracy/run.py" + (" --small" if args.small else ""),
+    out = {"generated_by": " ".join(["python", "bench/accuracy/run.py",
+                                     *(sys.argv[1:] if argv is None else list(argv))]),
            "argv": sys.argv[1:] if argv is None else list(argv),
            "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": 1,
                        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
@@ -314,7 +341,8 @@ def main(argv=None) -> int:
     out["wall_s"] = time.perf_counter() - t_all
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1, default=float) + "\n")
-    figdir = Path(args.figures) if args.figures else Path(args.md).parent / "figures"
+    plot_file.parent.mkdir(parents=True, exist_ok=True)
+    plot_file.write_bytes(pickle.dumps(plots))
     report.write(out, plots, Path(args.md), figdir)
     log(f"wrote {args.json}, {args.md}, figures in {figdir}")
     return 0
