@@ -148,6 +148,16 @@ def _reusable_retrains(out: Path, task, delete, query, ts) -> Optional[dict]:
     return None
 
 
+def _finish(res: dict, out: Path, name: str, plot, t_start: float) -> dict:
+    """Plot, record the plot and total times, write the JSON; returns ``res``."""
+    t0 = time.perf_counter()
+    plot(res, out / f"{name}.png")
+    res["timings"]["plot_s"] = round(time.perf_counter() - t0, 3)
+    res["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
+    _write_json(out / f"{name}.json", res)
+    return res
+
+
 def _plt():
     from . import report  # noqa: F401  (selects the headless backend)
     import matplotlib.pyplot as plt
@@ -224,12 +234,7 @@ def fig2(data, out, degree: int = 6, steps: Optional[int] = None, query: str = Q
         "machine": machine,
         "png": "fig2.png",
     }
-    t0 = time.perf_counter()
-    _plot_fig2(res, out / "fig2.png")
-    res["timings"]["plot_s"] = round(time.perf_counter() - t0, 3)
-    res["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
-    _write_json(out / "fig2.json", res)
-    return res
+    return _finish(res, out, "fig2", _plot_fig2, t_start)
 
 
 def _plot_fig2(res: dict, path: Path) -> None:
@@ -386,12 +391,7 @@ def fig3(data, out, directions: int = 500, degree: int = 3, steps: Optional[int]
             "partial_sum_at_1": float(sum(exact[: kk + 1])),
         }
         res["exact_terms"]["curve"] = fig2_res["curves"]["partial_sums"].get(str(degree)) if kk == degree else None
-    t0 = time.perf_counter()
-    _plot_fig3(res, out / "fig3.png")
-    res["timings"]["plot_s"] = round(time.perf_counter() - t0, 3)
-    res["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
-    _write_json(out / "fig3.json", res)
-    return res
+    return _finish(res, out, "fig3", _plot_fig3, t_start)
 
 
 def _plot_fig3(res: dict, path: Path) -> None:
@@ -530,12 +530,7 @@ def fig1(data, out, directions: int = 12, degree: int = 100, steps: Optional[int
         "machine": machine,
         "png": "fig1.png",
     }
-    t0 = time.perf_counter()
-    _plot_fig1(res, out / "fig1.png")
-    res["timings"]["plot_s"] = round(time.perf_counter() - t0, 3)
-    res["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
-    _write_json(out / "fig1.json", res)
-    return res
+    return _finish(res, out, "fig1", _plot_fig1, t_start)
 
 
 def _plot_fig1(res: dict, path: Path) -> None:
