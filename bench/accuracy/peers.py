@@ -151,12 +151,7 @@ def captum_tracincp(bt) -> dict:
         reduction = "none"
 
         def forward(self, logits, y):
-            logp = torch.log_softmax(logits, -1)
-            if y.dim() == 1:
-                return -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-            mask = (y >= 0).to(logp.dtype)
-            nll = -logp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-            return (nll * mask).sum(-1) / mask.sum(-1)
+            return _per_example_ce(logits, y)
 
     ds = TensorDataset(*_train(bt))
     tr = TracInCP(model, ds, checkpoints=paths, checkpoints_load_func=load, loss_fn=PerExampleLoss(),

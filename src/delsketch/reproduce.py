@@ -148,6 +148,17 @@ def _reusable_retrains(out: Path, task, delete, query, ts) -> Optional[dict]:
     return None
 
 
+def _start(data, out, steps, query):
+    """Common start of fig2/fig3: the output folder, the clock, the machine, the task and D."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    machine = _machine()
+    task = _task(data, steps)
+    task.validate_query(query)
+    return out, t_start, machine, task, _deletions(task)
+
+
 def _finish(res: dict, out: Path, name: str, plot, t_start: float) -> dict:
     """Plot, record the plot and total times, write the JSON; returns ``res``."""
     t0 = time.perf_counter()
@@ -177,13 +188,7 @@ def fig2(data, out, degree: int = 6, steps: Optional[int] = None, query: str = Q
 
     if not 1 <= degree <= 100:
         raise ValueError(f"degree must lie in [1, 100], got {degree}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    machine = _machine()
-    task = _task(data, steps)
-    task.validate_query(query)
-    D = _deletions(task)
+    out, t_start, machine, task, D = _start(data, out, steps, query)
 
     t0 = time.perf_counter()
     rt = _retrain_curve(task, D, query, T_GRID, progress)
@@ -276,13 +281,7 @@ def fig3(data, out, directions: int = 500, degree: int = 3, steps: Optional[int]
     """Sketch prediction of t -> query(t 1_D) with standard errors against real retrains."""
     from .sketch import StabilityWarning, precompute
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    machine = _machine()
-    task = _task(data, steps)
-    task.validate_query(query)
-    D = _deletions(task)
+    out, t_start, machine, task, D = _start(data, out, steps, query)
     sdir = out / "fig3-sketch"
 
     t0 = time.perf_counter()
