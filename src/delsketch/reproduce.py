@@ -159,6 +159,22 @@ def _start(data, out, steps, query):
     return out, t_start, machine, task, _deletions(task)
 
 
+def _timed_sketch(task, sdir: Path, directions, degree, seed, chunk, phase, progress, data, steps):
+    """precompute (resumable) in ``sdir``; returns the sketch, its wall time and the per-chunk times."""
+    from .sketch import precompute
+
+    t0 = time.perf_counter()
+    sk = precompute(task, sdir, directions, degree, seed=seed, chunk=chunk,
+                    progress=lambda d, tot: _report(progress, phase, d, tot),
+                    task_spec={"preset": "paper", "data": str(Path(data).resolve()), "steps": steps})
+    sketch_s = time.perf_counter() - t0
+    try:
+        chunk_times = json.loads((sdir / "timings.json").read_text())["chunks"]
+    except (OSError, ValueError, KeyError):
+        chunk_times = {}
+    return sk, sketch_s, chunk_times
+
+
 def _finish(res: dict, out: Path, name: str, plot, t_start: float) -> dict:
     """Plot, record the plot and total times, write the JSON; returns ``res``."""
     t0 = time.perf_counter()
@@ -284,15 +300,8 @@ def fig3(data, out, directions: int = 500, degree: int = 3, steps: Optional[int]
     out, t_start, machine, task, D = _start(data, out, steps, query)
     sdir = out / "fig3-sketch"
 
-    t0 = time.perf_counter()
-    sk = precompute(task, sdir, directions, degree, seed=seed, chunk=min(chunk, directions),
-                    progress=lambda d, tot: _report(progress, "sketch", d, tot),
-                    task_spec={"preset": "paper", "data": str(Path(data).resolve()), "steps": steps})
-    sketch_s = time.perf_counter() - t0
-    try:
-        chunk_times = json.loads((sdir / "timings.json").read_text())["chunks"]
-    except (OSError, ValueError, KeyError):
-        chunk_times = {}
+    sk, sketch_s, chunk_times = _timed_sketch(task, sdir, directions, degree, seed, min(chunk, directions),
+                                              "sketch", progress, data, steps)
 
     t0 = time.perf_counter()
     caught_msgs: set[str] = set()
@@ -454,15 +463,8 @@ def fig1(data, out, directions: int = 12, degree: int = 100, steps: Optional[int
     chunk = directions if chunk is None else min(chunk, directions)
     sdir = out / "fig1-sketch"
 
-    t0 = time.perf_counter()
-    sk = precompute(task, sdir, directions, degree, seed=seed, chunk=chunk,
-                    progress=lambda d, tot: _report(progress, "ring runs", d, tot),
-                    task_spec={"preset": "paper", "data": str(Path(data).resolve()), "steps": steps})
-    sketch_s = time.perf_counter() - t0
-    try:
-        chunk_times = json.loads((sdir / "timings.json").read_text())["chunks"]
-    except (OSError, ValueError, KeyError):
-        chunk_times = {}
+    sk, sketch_s, chunk_times = _timed_sketch(task, sdir, directions, degree, seed, chunk, "ring runs",
+                                              progress, data, steps)
 
     c = sk.coefficients(doc)  # [m, K]
     rep = stability_report(c, task.n, tolerance=tolerance)
