@@ -295,7 +295,7 @@ def _plot_fig2(res: dict, path: Path) -> None:
 def fig3(data, out, directions: int = 500, degree: int = 3, steps: Optional[int] = None, seed: int = 0,
          chunk: int = 250, query: str = QUERY, delta: float = 0.05, progress: Progress = None) -> dict:
     """Sketch prediction of t -> query(t 1_D) with standard errors against real retrains."""
-    from .sketch import StabilityWarning, precompute
+    from .sketch import StabilityWarning
 
     out, t_start, machine, task, D = _start(data, out, steps, query)
     sdir = out / "fig3-sketch"
@@ -451,7 +451,7 @@ def fig1(data, out, directions: int = 12, degree: int = 100, steps: Optional[int
     must equal the degree-``degree`` run's first ``check_degree + 1`` (truncation does not change lower
     coefficients), which tests that the long series lost no accuracy (0 skips the check)."""
     from . import taylor
-    from .sketch import evaluate, precompute, ring_train, stability_report, weight_series
+    from .sketch import evaluate, ring_train, stability_report, weight_series
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
