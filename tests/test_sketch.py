@@ -206,3 +206,11 @@ def test_chunks_built_separately_assemble_to_the_same_sketch(task, small, tmp_pa
             shutil.copy(p, merged / p.name)
     precompute(task, merged, directions=12, degree=2, chunk=4, seed=1)
     assert _files(merged) == _files(small)
+
+
+def test_predict_tolerance_sets_the_safe_size(big_sketch):
+    D = [1, 2, 3]
+    tight = big_sketch.predict("test:mean", D, tolerance=1e-6).safe_deletion_size
+    loose = big_sketch.predict("test:mean", D, tolerance=0.5).safe_deletion_size
+    assert tight == big_sketch.stability("test:mean", tolerance=1e-6)["safe_deletion_size"]
+    assert tight < loose

@@ -11,7 +11,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Optional
 
 import click
 from rich.console import Console
@@ -102,7 +102,7 @@ def parse_spec(spec: str, task) -> list[int]:
     return out_idx
 
 
-def check_queries(task, queries: List[str]) -> List[str]:
+def check_queries(task, queries: list[str]) -> list[str]:
     if not queries:
         raise CliError("give at least one --query")
     for q in queries:

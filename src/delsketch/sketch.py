@@ -561,7 +561,7 @@ class Sketch:
         out = []
         for q in qs:
             terms = self.per_direction_terms(q, D)[..., : k + 1]  # [S, m, K]
-            stab = self.stability(q)
+            stab = self.stability(q, tolerance=tolerance)
             row = []
             for i, d in enumerate(sets):
                 t = terms[i]

@@ -284,10 +284,6 @@ def _wrap(c: torch.Tensor) -> Series:
     return Series(c)
 
 
-def _nd(x) -> int:
-    return x.dim()
-
-
 def _dim(d: int, nd: int) -> int:
     """Normalize a logical dim and shift it past the two leading inner dims."""
     if nd == 0:
@@ -314,10 +310,6 @@ def _real0(x):
     if isinstance(x, Series):
         return x._c[0, 0].real
     return x
-
-
-def _unwrap_plain(x):
-    return _real0(x) if isinstance(x, Series) else x
 
 
 def _fit(c: torch.Tensor, nd: int) -> torch.Tensor:
@@ -778,10 +770,6 @@ _RULES[aten.avg_pool3d_backward.default] = _avg_pool_bwd_rule(aten.avg_pool3d_ba
 # ----------------------------------------------------------------------------------------------
 
 
-def _scalar_or_plain(x):
-    return not isinstance(x, Series)
-
-
 @rule(aten.add.Tensor, aten.add.Scalar)
 def _add(a, b, alpha=1):
     if isinstance(a, Series) and isinstance(b, Series):
@@ -1187,7 +1175,7 @@ def _clamp(x, min=None, max=None):
 
 def _cmp(op):
     def r(a, b):
-        return op(_unwrap_plain(a), _unwrap_plain(b))
+        return op(_real0(a), _real0(b))
 
     return r
 
@@ -1310,11 +1298,6 @@ def _full_like_series(x: Series, value, shape=None) -> Series:
     if value != 0:
         c[:, 0] = value
     return _wrap(c)
-
-
-def _check_factory_dtype(dtype):
-    if dtype is not None and dtype != torch.float64:
-        raise UnsupportedOpError(f"series factory with dtype {dtype}")
 
 
 @rule(aten.zeros_like.default, aten.empty_like.default)
