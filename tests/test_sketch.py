@@ -214,3 +214,24 @@ def test_predict_tolerance_sets_the_safe_size(big_sketch):
     loose = big_sketch.predict("test:mean", D, tolerance=0.5).safe_deletion_size
     assert tight == big_sketch.stability("test:mean", tolerance=1e-6)["safe_deletion_size"]
     assert tight < loose
+
+
+def test_worker_processes_give_the_same_bytes(task, tmp_path):
+    """workers=2 computes chunks in two spawned processes that rebuild the task from its spec: the files are
+    byte for byte those of one process, and an interrupted parallel run resumes to the same files."""
+    spec = {"preset": "digits", "data": None, "steps": None, "n_train": 100, "epochs": 2}
+    one, two = tmp_path / "one", tmp_path / "two"
+    precompute(task, one, directions=12, degree=2, chunk=4, seed=1, task_spec=spec)
+    with pytest.warns(StabilityWarning, match="incomplete"):
+        precompute(task, two, directions=12, degree=2, chunk=4, seed=1, task_spec=spec, workers=2, max_chunks=2)
+    assert len(json.loads((two / "manifest.json").read_text())["chunks"]) == 2
+    precompute(task, two, directions=12, degree=2, chunk=4, seed=1, task_spec=spec, workers=2)
+    assert _files(two) == _files(one)
+
+
+def test_workers_need_a_preset_spec(task, tmp_path):
+    with pytest.raises(ValueError, match="task_spec"):
+        precompute(task, tmp_path / "x", directions=8, degree=1, chunk=4, workers=2)
+    spec = {"preset": "digits", "data": None, "steps": None, "n_train": 99, "epochs": 2}  # not this task
+    with pytest.raises(SketchError, match="fingerprints differ"):
+        precompute(task, tmp_path / "y", directions=8, degree=1, chunk=4, workers=2, task_spec=spec)

@@ -7,6 +7,7 @@ stdout as a table, or as JSON with ``--json``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import warnings
@@ -157,11 +158,15 @@ query_option = click.option("--query", "query", multiple=True, help="output to e
 @click.option("--out", "out_dir", required=True, help="sketch directory (resumed if it holds a partial sketch)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--chunk", type=int, default=64, show_default=True, help="directions per chunk (unit of work and of resumption)")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="processes computing chunks at once (2 on a 2-core machine halves the time); 0: one per core")
 @json_option
-def sketch(preset, data, steps, directions, degree, out_dir, seed, chunk, json_out):
+def sketch(preset, data, steps, directions, degree, out_dir, seed, chunk, workers, json_out):
     """Precompute a deletion sketch: m ring training runs at degree k."""
     from .sketch import precompute
 
+    if workers < 0:
+        raise CliError("--workers must be 0 (one per core) or more")
     task = build_task(preset, data, steps)
     t0 = time.perf_counter()
     with progress_bar("sketch") as bar:
@@ -171,7 +176,7 @@ def sketch(preset, data, steps, directions, degree, out_dir, seed, chunk, json_o
             bar.update(tid, completed=done, total=total)
 
         sk = precompute(task, out_dir, directions, degree, seed=seed, chunk=chunk, steps=None,
-                        progress=cb, task_spec=task_spec(preset, data, steps))
+                        progress=cb, task_spec=task_spec(preset, data, steps), workers=workers or (os.cpu_count() or 1))
     wall = time.perf_counter() - t0
     info = {"out": str(out_dir), "directions": sk.m, "degree": sk.degree, "n": sk.n, "steps": sk.manifest["steps"],
             "seconds": round(wall, 3)}
@@ -192,8 +197,11 @@ def load_sketch(path: str):
     spec = man.get("task_spec") or {}
     if "preset" not in spec:
         raise SketchError(f"{path}: sketch was built from Python (no preset recorded); load it with the Python API")
-    task = build_task(spec["preset"], spec.get("data"), spec.get("steps"))
-    return Sketch.load(p, task)
+    from .presets import build_from_spec
+
+    if spec.get("data") is not None and not Path(spec["data"]).exists():
+        raise CliError(f"data file not found: {spec['data']} (the sketch was built from it)")
+    return Sketch.load(p, build_from_spec(spec))
 
 
 @app.command()
@@ -347,8 +355,10 @@ def demo(out_dir, directions, degree, json_out):
 @click.option("--directions", type=int, default=None, help="random directions (fig1: 12, fig3: 500; not fig2)")
 @click.option("--degree", type=int, default=None, help="truncation degree (fig1: 100, fig2: 6, fig3: 3)")
 @click.option("--steps", type=int, default=None, help="train only the first N of the 1000 steps (smaller, faster runs)")
+@click.option("--workers", type=int, default=0, show_default=True,
+              help="processes computing directions at once (fig1, fig3); 0: one per core")
 @json_option
-def reproduce(figure, data, out_dir, directions, degree, steps, json_out):
+def reproduce(figure, data, out_dir, directions, degree, steps, workers, json_out):
     """Reproduce one of the paper's microgpt figures (PNG + JSON of every plotted number)."""
     from .reproduce import PAPER, run_figure
 
@@ -364,6 +374,8 @@ def reproduce(figure, data, out_dir, directions, degree, steps, json_out):
         raise CliError("--degree must lie in [1, 100]")
     if steps is not None and not 1 <= steps <= 1000:
         raise CliError("--steps must lie in [1, 1000]")
+    if workers < 0:
+        raise CliError("--workers must be 0 (one per core) or more")
     with progress_bar(figure) as bar:
         tid = bar.add_task(figure, total=None)
 
@@ -373,6 +385,7 @@ def reproduce(figure, data, out_dir, directions, degree, steps, json_out):
         kw = {"degree": degree, "steps": steps}
         if figure != "fig2":
             kw["directions"] = directions
+            kw["workers"] = workers or None
         res = run_figure(figure, data, out_dir, progress=cb, **kw)
     if json_out:
         emit_json(res)
@@ -441,8 +454,6 @@ def main(argv: Optional[list] = None) -> int:
 
 def torch_threads() -> None:
     """One intra-op thread: the models are small, and on a busy 2-core machine two threads stall."""
-    import os
-
     import torch
 
     if "OMP_NUM_THREADS" not in os.environ:

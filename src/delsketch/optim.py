@@ -374,21 +374,51 @@ class Adam(Optimizer):
         return variable(out_p), variable(out_m), variable(out_v)
 
     def _series_update(self, pc, gc, mc, vc, lr_t, bc1, bc2, out_p, out_m, out_v):
+        """One slice of the update, written for few passes over the coefficients: g*g by its symmetric
+        Cauchy products, 1/bc2 folded into the normalization of the power recurrence, the final Cauchy
+        product accumulated straight into the new parameters. Degree-0 work follows the plain formulas."""
         from . import ring
 
         b1, b2 = self.betas
+        K = gc.shape[1]
         mc = torch.add(mc * b1, gc, alpha=1 - b1, out=out_m) if mc is not None else torch.mul(gc, 1 - b1, out=out_m)
-        g2 = ring.mul(gc, gc)
+        g2 = torch.empty(gc.shape, dtype=gc.dtype)
+        for k in range(K):
+            terms = [(gc[:, j], gc[:, k - j], 2.0) for j in range((k + 1) // 2)]
+            if k % 2 == 0:
+                terms.append((gc[:, k // 2], gc[:, k // 2], 1.0))
+            ring._acc(g2[:, k], terms)
         vc = torch.add(vc * b2, g2, alpha=1 - b2, out=out_v) if vc is not None else torch.mul(g2, 1 - b2, out=out_v)
-        vh = vc / bc2
+        del g2
+        # d = (v / bc2 + eps)^(-1/2)  (eps inside)  or  1 / (sqrt(v / bc2) + eps): power recurrences on
+        # uh = u / u_0 with u = v / bc2 (+ eps): uh_k = v_k / (bc2 u_0) for k >= 1
+        u0 = vc[:, 0] / bc2
         if self.eps_inside_sqrt:
-            vh[:, 0] += self.eps
-            inv = ring.rsqrt(vh)
-        else:
-            d = ring.sqrt(vh)
-            d[:, 0] += self.eps
-            inv = ring.reciprocal(d)
-        torch.add(pc, ring.mul(mc, inv), alpha=-lr_t / bc1, out=out_p)
+            u0 = u0 + self.eps
+        if bool((u0 == 0).any()):
+            raise ring.SeriesDomainError("adam: degree-0 coefficient of the second moment is zero")
+        d = torch.empty(gc.shape, dtype=gc.dtype)
+        (d0,) = ring._apply0(u0, torch.rsqrt if self.eps_inside_sqrt else torch.sqrt, positive=True)
+        d[:, 0] = d0
+        if K > 1:
+            (inv0,) = ring._apply0(u0 * bc2, torch.reciprocal)
+            uh = vc[:, 1:] * inv0.unsqueeze(1)  # uh_1 .. uh_{K-1}
+            r = -0.5 if self.eps_inside_sqrt else 0.5
+            for k in range(1, K):
+                ring._acc(d[:, k], [(uh[:, j - 1], d[:, k - j], ((r + 1.0) * j - k) / k) for j in range(1, k + 1)])
+            del uh
+            if not self.eps_inside_sqrt:  # d = 1 / (sqrt(u) + eps)
+                d[:, 0] += self.eps
+                d = ring.reciprocal(d)
+        elif not self.eps_inside_sqrt:
+            d = 1.0 / (d + self.eps)
+        # p - lr_t / bc1 * (m * d), the Cauchy product accumulated into p
+        f = -lr_t / bc1
+        out_p.copy_(pc)
+        for k in range(K):
+            ok = out_p[:, k]
+            for j in range(k + 1):
+                ok.addcmul_(mc[:, j], d[:, k - j], value=f)
 
     def describe(self) -> dict[str, Any]:
         return {

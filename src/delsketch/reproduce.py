@@ -159,12 +159,17 @@ def _start(data, out, steps, query):
     return out, t_start, machine, task, _deletions(task)
 
 
-def _timed_sketch(task, sdir: Path, directions, degree, seed, chunk, phase, progress, data, steps):
+def _workers(workers: Optional[int]) -> int:
+    """None or 0: one worker process per core."""
+    return max(1, os.cpu_count() or 1) if not workers else int(workers)
+
+
+def _timed_sketch(task, sdir: Path, directions, degree, seed, chunk, phase, progress, data, steps, workers=1):
     """precompute (resumable) in ``sdir``; returns the sketch, its wall time and the per-chunk times."""
     from .sketch import precompute
 
     t0 = time.perf_counter()
-    sk = precompute(task, sdir, directions, degree, seed=seed, chunk=chunk,
+    sk = precompute(task, sdir, directions, degree, seed=seed, chunk=chunk, workers=workers,
                     progress=lambda d, tot: _report(progress, phase, d, tot),
                     task_spec={"preset": "paper", "data": str(Path(data).resolve()), "steps": steps})
     sketch_s = time.perf_counter() - t0
@@ -293,15 +298,19 @@ def _plot_fig2(res: dict, path: Path) -> None:
 
 
 def fig3(data, out, directions: int = 500, degree: int = 3, steps: Optional[int] = None, seed: int = 0,
-         chunk: int = 250, query: str = QUERY, delta: float = 0.05, progress: Progress = None) -> dict:
-    """Sketch prediction of t -> query(t 1_D) with standard errors against real retrains."""
+         chunk: int = 250, query: str = QUERY, delta: float = 0.05, workers: Optional[int] = None,
+         progress: Progress = None) -> dict:
+    """Sketch prediction of t -> query(t 1_D) with standard errors against real retrains.
+
+    ``workers``: processes computing chunks of directions at once (default: one per core)."""
     from .sketch import StabilityWarning
 
     out, t_start, machine, task, D = _start(data, out, steps, query)
     sdir = out / "fig3-sketch"
 
+    workers = _workers(workers)
     sk, sketch_s, chunk_times = _timed_sketch(task, sdir, directions, degree, seed, min(chunk, directions),
-                                              "sketch", progress, data, steps)
+                                              "sketch", progress, data, steps, workers)
 
     t0 = time.perf_counter()
     caught_msgs: set[str] = set()
@@ -378,6 +387,7 @@ def fig3(data, out, directions: int = 500, degree: int = 3, steps: Optional[int]
         "warnings": sorted(caught_msgs),
         "timings": {
             "sketch_s_this_call": round(sketch_s, 3),
+            "sketch_workers": workers,
             "sketch_chunks_s": chunk_times,
             "sketch_total_s": round(sum(chunk_times.values()), 3) if chunk_times else None,
             "sketch_s_per_direction_step": (round(sum(chunk_times.values()) / (sk.m * task.steps), 6)
@@ -444,8 +454,11 @@ def _fit(rs: np.ndarray, y: np.ndarray) -> float:
 
 def fig1(data, out, directions: int = 12, degree: int = 100, steps: Optional[int] = None,
          doc: Optional[str] = None, seed: int = 0, chunk: Optional[int] = None, check_degree: int = 6,
-         tolerance: float = 0.05, progress: Progress = None) -> dict:
+         tolerance: float = 0.05, workers: Optional[int] = None, progress: Progress = None) -> dict:
     """log2( sqrt(C(n+r-1, r)) |c_r| ) per direction and degree for the loss of a training document.
+
+    ``workers``: processes computing chunks of directions at once (default: one per core; the default
+    ``chunk`` splits the directions evenly between them).
 
     ``check_degree``: a second ring run at this low degree with the same directions; its coefficients
     must equal the degree-``degree`` run's first ``check_degree + 1`` (truncation does not change lower
@@ -460,11 +473,12 @@ def fig1(data, out, directions: int = 12, degree: int = 100, steps: Optional[int
     task = _task(data, steps)
     doc = task.examples[0] if doc is None else doc
     task.validate_query(doc)
-    chunk = directions if chunk is None else min(chunk, directions)
+    workers = _workers(workers)
+    chunk = -(-directions // workers) if chunk is None else min(chunk, directions)
     sdir = out / "fig1-sketch"
 
     sk, sketch_s, chunk_times = _timed_sketch(task, sdir, directions, degree, seed, chunk, "ring runs",
-                                              progress, data, steps)
+                                              progress, data, steps, workers)
 
     c = sk.coefficients(doc)  # [m, K]
     rep = stability_report(c, task.n, tolerance=tolerance)
@@ -524,6 +538,7 @@ def fig1(data, out, directions: int = 12, degree: int = 100, steps: Optional[int
         "low_degree_check": check,
         "timings": {
             "sketch_s_this_call": round(sketch_s, 3),
+            "sketch_workers": workers,
             "sketch_chunks_s": chunk_times,
             "sketch_total_s": round(sum(chunk_times.values()), 3) if chunk_times else None,
             "ring_s_per_step_all_directions": (round(sum(chunk_times.values()) / task.steps, 5) if chunk_times else None),

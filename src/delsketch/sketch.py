@@ -264,6 +264,7 @@ def precompute(
     task_spec: Optional[dict] = None,
     max_chunks: Optional[int] = None,
     only_chunks: Optional[Sequence[int]] = None,
+    workers: int = 1,
 ) -> "Sketch":
     """Build (or resume) a sketch in directory ``out``.
 
@@ -274,6 +275,9 @@ def precompute(
     ``only_chunks`` computes just those chunk indices: chunks are independent, so workers can build disjoint
     sets of chunk files elsewhere, and copying every chunk file into one directory and running ``precompute``
     there again (which finds them, verifies them and records them) assembles the sketch.
+    ``workers`` > 1 computes chunks in that many processes at once (one torch thread each; on a 2-core
+    machine two workers do about twice the work of one). The workers rebuild the task from ``task_spec``
+    (a preset), so it is required then; the numbers are those of ``workers=1`` with one torch thread.
     """
     cfg = SketchConfig(directions=directions, degree=degree, seed=seed, chunk=chunk, steps=steps)
     cfg.validate(task)
@@ -312,7 +316,12 @@ def precompute(
             timings = json.loads(tpath.read_text())
         except ValueError:
             pass
-    new = 0
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    if workers > 1 and not (task_spec and task_spec.get("preset")):
+        raise ValueError("workers > 1 needs task_spec naming a preset (the workers rebuild the task from it); "
+                         "for a task built in Python run chunks in separate processes with only_chunks")
+    todo: list[tuple[int, int, int]] = []  # (chunk index, first direction, count)
     for ci, j0 in enumerate(starts):
         name = _chunk_name(ci)
         if only_chunks is not None and ci not in only_chunks:
@@ -327,26 +336,12 @@ def precompute(
                 _write_json(mpath, _manifest(task, cfg, chunks, base_sha, task_spec))
         if name in chunks:
             continue
-        if max_chunks is not None and new >= max_chunks:
+        if max_chunks is not None and len(todo) >= max_chunks:
             break
-        idx = list(range(j0, min(j0 + chunk, directions)))
-        psi = directions_fn(seed, idx, task.n)
-        t0 = time.perf_counter()
-        base_done = done
+        todo.append((ci, j0, min(chunk, directions - j0)))
 
-        def cb(s, loss, _b=base_done, _c=len(idx)):
-            if progress:
-                progress(_b + (s + 1) * _c, total)
-
-        params = ring_train(task, weight_series(psi, degree), steps=n_steps, callback=cb)
-        done += len(idx) * n_steps
-        tensors = {"psi": _complex_to_real(psi)}
-        base = {}
-        for k, v in params.items():
-            c = taylor.coefficients(v)
-            c = c.expand(len(idx), *c.shape[1:])
-            base[k] = c[0, 0].real.clone()
-            tensors[f"param.{k}"] = _complex_to_real(c[:, 1:])
+    def record(ci: int, j0: int, count: int, base: dict, seconds: float) -> None:
+        nonlocal base_sha
         bpath = out / "base.safetensors"
         if base_sha is None:
             _atomic_save_tensors(bpath, base, {"format": FORMAT})
@@ -356,19 +351,116 @@ def precompute(
             for k in base:
                 if not torch.allclose(stored[k], base[k], rtol=1e-12, atol=1e-12):
                     raise SketchError(f"degree-0 part of {k} differs between chunks: training is not deterministic")
-        cpath = out / name
-        _atomic_save_tensors(cpath, tensors, {"format": FORMAT, "first": str(j0), "count": str(len(idx))})
-        chunks[name] = {"first": j0, "count": len(idx), "sha256": _sha256_file(cpath)}
+        name = _chunk_name(ci)
+        chunks[name] = {"first": j0, "count": count, "sha256": _sha256_file(out / name)}
         _write_json(mpath, _manifest(task, cfg, chunks, base_sha, task_spec))
-        timings["chunks"][name] = round(time.perf_counter() - t0, 3)
+        timings["chunks"][name] = round(seconds, 3)
         _write_json(tpath, timings)
-        new += 1
+
+    if workers == 1 or len(todo) <= 1:
+        for ci, j0, count in todo:
+            base_done = done
+
+            def cb(s, _b=base_done, _c=count):
+                if progress:
+                    progress(_b + (s + 1) * _c, total)
+
+            base, seconds = _compute_chunk(task, out, ci, j0, count, seed, degree, n_steps, cb)
+            done += count * n_steps
+            record(ci, j0, count, base, seconds)
+    else:
+        _precompute_parallel(task, out, todo, seed, degree, n_steps, task_spec, min(workers, len(todo)),
+                             record, lambda d: progress(done + d, total) if progress else None)
     if not chunks:
         _write_json(mpath, _manifest(task, cfg, chunks, base_sha, task_spec))
     return Sketch.load(out, task)
 
 
-directions_fn = directions
+def _compute_chunk(task: Task, out: Path, ci: int, j0: int, count: int, seed: int, degree: int, n_steps: int,
+                   cb: Callable[[int], None]) -> tuple[dict, float]:
+    """Ring-train directions ``j0 .. j0+count-1`` and write chunk file ``ci`` atomically.
+
+    Returns the degree-0 parameters (plain training, the same in every chunk) and the wall time."""
+    psi = directions(seed, range(j0, j0 + count), task.n)
+    t0 = time.perf_counter()
+    params = ring_train(task, weight_series(psi, degree), steps=n_steps, callback=lambda s, loss: cb(s))
+    tensors = {"psi": _complex_to_real(psi)}
+    base = {}
+    for k, v in params.items():
+        c = taylor.coefficients(v)
+        c = c.expand(count, *c.shape[1:])
+        base[k] = c[0, 0].real.clone()
+        tensors[f"param.{k}"] = _complex_to_real(c[:, 1:])
+    _atomic_save_tensors(out / _chunk_name(ci), tensors, {"format": FORMAT, "first": str(j0), "count": str(count)})
+    return base, time.perf_counter() - t0
+
+
+# state of a worker process of _precompute_parallel
+_WORKER: dict = {}
+
+
+def _worker_init(task_spec: dict, fingerprint: str, queue) -> None:
+    from .presets import build_from_spec
+
+    torch.set_num_threads(1)
+    task = build_from_spec(task_spec)
+    error = None if task.fingerprint() == fingerprint else "a worker rebuilt a different task from task_spec"
+    _WORKER.update(task=task, queue=queue, error=error)  # an initializer that raises breaks the pool
+
+
+def _worker_chunk(out: str, ci: int, j0: int, count: int, seed: int, degree: int, n_steps: int):
+    if _WORKER["error"]:
+        raise SketchError(_WORKER["error"])
+    queue = _WORKER["queue"]
+    every = max(1, n_steps // 200)
+
+    def cb(s: int) -> None:
+        if (s + 1) % every == 0 or s + 1 == n_steps:
+            queue.put((ci, (s + 1) * count))
+
+    base, seconds = _compute_chunk(_WORKER["task"], Path(out), ci, j0, count, seed, degree, n_steps, cb)
+    return ci, j0, count, base, seconds
+
+
+def _precompute_parallel(task, out, todo, seed, degree, n_steps, task_spec, workers, record, progress) -> None:
+    """Chunks in ``workers`` spawned processes; the parent records each finished chunk and reports progress."""
+    import multiprocessing as mp
+    import queue as queue_mod
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from .presets import build_from_spec
+
+    if build_from_spec(task_spec).fingerprint() != task.fingerprint():
+        raise SketchError("task_spec does not describe this task (fingerprints differ): the workers would "
+                          "compute another task's sketch")
+    ctx = mp.get_context("spawn")
+    q = ctx.Manager().Queue()
+    progress_by_chunk: dict[int, int] = {}
+    finished = 0
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                             initargs=(task_spec, task.fingerprint(), q)) as ex:
+        pending = {ex.submit(_worker_chunk, str(out), ci, j0, count, seed, degree, n_steps) for ci, j0, count in todo}
+        try:
+            while pending:
+                ready, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                while True:
+                    try:
+                        ci, d = q.get_nowait()
+                    except queue_mod.Empty:
+                        break
+                    progress_by_chunk[ci] = d
+                for f in ready:
+                    ci, j0, count, base, seconds = f.result()
+                    progress_by_chunk.pop(ci, None)
+                    finished += count * n_steps
+                    record(ci, j0, count, base, seconds)
+                progress(finished + sum(progress_by_chunk.values()))
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
+
+
 
 
 def _adopt_chunk(path: Path, first: int, count: int, seed: int, n: int) -> Optional[dict]:
@@ -378,7 +470,7 @@ def _adopt_chunk(path: Path, first: int, count: int, seed: int, n: int) -> Optio
         psi = _real_to_complex(t["psi"])
     except Exception:
         return None
-    if psi.shape != (count, n) or not torch.equal(psi, directions_fn(seed, range(first, first + count), n)):
+    if psi.shape != (count, n) or not torch.equal(psi, directions(seed, range(first, first + count), n)):
         return None
     return {"first": first, "count": count, "sha256": _sha256_file(path)}
 

@@ -17,7 +17,7 @@ from typing import Callable
 
 from ..run import Task
 
-__all__ = ["PRESETS", "get_preset", "preset_overrides"]
+__all__ = ["PRESETS", "get_preset", "preset_overrides", "build_from_spec"]
 
 PRESETS: tuple[str, ...] = ("paper", "names", "digits")
 
@@ -63,3 +63,14 @@ def preset_overrides(name: str) -> dict[str, object]:
     return {
         k: p.default for k, p in sig.parameters.items() if k not in ("data", "steps")
     }
+
+
+def build_from_spec(spec: dict) -> Task:
+    """The task a sketch's ``task_spec`` records: ``{"preset", "data", "steps", **overrides}``
+    (``steps`` keeps the first N steps of the schedule)."""
+    from ..run import first_steps
+
+    spec = dict(spec)
+    name = spec.pop("preset")
+    data, steps = spec.pop("data", None), spec.pop("steps", None)
+    return first_steps(get_preset(name)(data=data, **spec), steps)
