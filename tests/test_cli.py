@@ -37,6 +37,22 @@ def test_predict_json_keys(sketch_dir, capsys):
     assert rc == 0 and [o["query"] for o in json.loads(out)] == ["test:5", "test:mean"]
 
 
+def test_predict_degree_and_control_variates(sketch_dir, capsys):
+    """--degree truncates (the degree-1 estimate is the degree-2 one minus its degree-2 term); --control-variates
+    is recorded and keeps the per-degree terms; a degree above the sketch's is a one-line exit-2 error."""
+    args = ["predict", str(sketch_dir), "--delete", "0:10", "--query", "test:5", "--json"]
+    full = json.loads(run(capsys, *args)[1])
+    rc, out, _ = run(capsys, *args, "--degree", "1")
+    low = json.loads(out)
+    assert rc == 0 and low["degree"] == 1 and len(low["terms"]) == 2
+    assert low["estimate"] == pytest.approx(full["estimate"] - full["terms"][2], rel=1e-12, abs=1e-12)
+    rc, out, _ = run(capsys, *args, "--control-variates")
+    cv = json.loads(out)
+    assert rc == 0 and cv["control_variates"] and not full["control_variates"] and cv["terms"] == full["terms"]
+    rc, _, err = run(capsys, *args, "--degree", "3")
+    assert rc == 2 and err.count("\n") == 1 and "--degree" in err
+
+
 def test_retrain_and_series_json(capsys, tmp_path):
     spec = tmp_path / "del.txt"
     spec.write_text("3\n4\n# comment\n10\n")

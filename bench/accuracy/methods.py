@@ -113,13 +113,19 @@ def check_first_order(bt, G: np.ndarray, sets: list[list[int]]) -> dict:
 # ------------------------------------------------------------------------------------------------ the sketch
 
 
-def sketch_coefficients(bt, directory: Path, directions: int, degree: int, seed: int, reuse: bool = False) -> dict:
-    """Precompute (or reuse) a sketch; return its psi, per-query coefficients and timings."""
+def sketch_coefficients(bt, directory: Path, directions: int, degree: int, seed: int, reuse: bool = False,
+                        workers: int = 1) -> dict:
+    """Precompute (or reuse) a sketch; return its psi, per-query coefficients and timings.
+
+    ``workers`` > 1 computes chunks in that many processes (byte-identical results); the per-chunk times in
+    timings.json stay per-process seconds, so precompute_seconds() reports single-core work."""
     directory = Path(directory)
     if directory.exists() and not reuse:
         shutil.rmtree(directory)
     t0 = time.perf_counter()
-    S = sk.precompute(bt.task, directory, directions=directions, degree=degree, seed=seed)
+    chunk = 64 if workers == 1 else max(16, min(256, -(-directions // (4 * workers))))
+    S = sk.precompute(bt.task, directory, directions=directions, degree=degree, seed=seed, chunk=chunk,
+                      workers=workers, task_spec=bt.spec or None)
     wall = time.perf_counter() - t0
     chunk_times = chunk_timings(directory)
     t1 = time.perf_counter()

@@ -42,9 +42,9 @@ FRACTIONS = [0.01, 0.02, 0.05, 0.10, 0.50]
 # per task: queries, leave-one-out examples, random sets per size, sketch sizes
 FULL = {
     "digits": dict(queries=20, loo=100, sets=40, ms=[64, 256, 1024], degree=3, topk=0.05),
-    "digits-fullbatch": dict(queries=20, loo=60, sets=30, ms=[64, 256], degree=3, topk=0.05),
-    "names": dict(queries=20, loo=60, sets=30, ms=[64, 256], degree=3, topk=0.05),
-    "paper": dict(queries=10, loo=30, sets=20, ms=[64], degree=3, topk=0.05, steps=300),
+    "digits-fullbatch": dict(queries=20, loo=60, sets=30, ms=[64, 256, 1024], degree=3, topk=0.05, steps=100),
+    "names": dict(queries=20, loo=60, sets=30, ms=[64, 256, 1024], degree=3, topk=0.05),
+    "paper": dict(queries=10, loo=30, sets=20, ms=[64, 256, 1024], degree=3, topk=0.05),
 }
 SMALL = {
     "digits": dict(queries=10, loo=24, sets=12, ms=[64, 256], degree=3, topk=0.05),
@@ -56,7 +56,8 @@ def log(msg: str) -> None:
 
 
 def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    # the largest of this process and its finished children (sketch worker processes)
+    return max(resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024.0
 
 
 CHILD_MEMORY_GB = 14  # address-space limit of every forked method process (a MemoryError, not the OOM killer)
@@ -164,7 +165,8 @@ def run_task(key: str, cfg: dict, args, peer_names: list[str]) -> dict:
 
     mmax = max(cfg["ms"])
     sdir = Path(args.workdir) / f"sketch-{key}-m{mmax}-d{cfg['degree']}"
-    sc, dt, rss = in_child(methods.sketch_coefficients, bt, sdir, mmax, cfg["degree"], args.seed, args.reuse)
+    sc, dt, rss = in_child(methods.sketch_coefficients, bt, sdir, mmax, cfg["degree"], args.seed, args.reuse,
+                           args.workers)
     for m in cfg["ms"]:
         timing[f"sketch m={m}"] = {"precompute_s": methods.precompute_seconds(sc["chunk_times"], m),
                                    "chunk": sc["chunk_times"][0][1],
@@ -292,6 +294,7 @@ def main(argv=None) -> int:
     ap.add_argument("--figures", default=None, help="figure directory (default: figures/ next to --md)")
     ap.add_argument("--workdir", default=str(HERE / "work"), help="where sketches are stored")
     ap.add_argument("--reuse", action="store_true", help="reuse stored sketches (timings then come from timings.json)")
+    ap.add_argument("--workers", type=int, default=1, help="sketch worker processes (2 on a 2-core machine)")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite --md and the figures from --json and the plot data saved next to it (no runs)")

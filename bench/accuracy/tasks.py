@@ -14,6 +14,7 @@ Every task is described by a :class:`BenchTask`:
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -42,6 +43,7 @@ class BenchTask:
     description: str
     training: dict = field(default_factory=dict)  # what the peers need to know about the run (lr, batch, ...)
     pool: list[int] = field(default_factory=list)  # deletion candidates: the examples the run visits
+    spec: dict = field(default_factory=dict)  # the preset spec that rebuilds `task` (sketch worker processes)
 
     def __post_init__(self):
         if not self.pool:
@@ -85,7 +87,8 @@ def digits_task(key: str, n_queries: int, batch, steps=None) -> BenchTask:
     return BenchTask(key, task, queries, Xtr, Ytr, Xte[:n_queries], Yte[:n_queries], loss, model, groups,
                      neighbours, desc,
                      training={"optimizer": opt, "lr": 0.1, "momentum": 0.9, "batch": batch or n_train,
-                               "steps": task.steps, "n": n_train, "adam": False})
+                               "steps": task.steps, "n": n_train, "adam": False},
+                     spec={"preset": "digits", "data": None, "steps": None, "preset_steps": steps, "batch": batch})
 
 
 # ------------------------------------------------------------------------------------------------ names
@@ -171,7 +174,9 @@ def text_task(key: str, preset: str, n_queries: int, data=None, steps=None, **ov
             f"{steps_run} steps, Adam (eps inside sqrt), linear lr decay")
     return BenchTask(key, task, queries, Xtr, Ytr, Xte, Yte, loss, model, groups, neighbours, desc,
                      training={"optimizer": task.optimizer.describe(), "lr": task.optimizer.describe().get("lr"),
-                               "batch": 1, "steps": steps_run, "n": task.n, "adam": True})
+                               "batch": 1, "steps": steps_run, "n": task.n, "adam": True},
+                     spec={"preset": preset, "data": str(Path(data).resolve()) if data else None, "steps": steps,
+                           **overrides})
 
 
 def check_loss_consistency(bt: BenchTask) -> float:

@@ -210,22 +210,28 @@ def load_sketch(path: str):
 @click.option("--weight", type=float, default=1.0, show_default=True, help="1 deletes; 0<W<1 downweights; W<0 upweights (-1 = counted twice)")
 @query_option
 @click.option("--delta", type=float, default=0.05, show_default=True, help="failure probability of the median-of-means estimate")
+@click.option("--degree", type=int, default=None, help="truncate at this degree (default: the sketch's)")
+@click.option("--control-variates", "control", is_flag=True,
+              help="remove the scatter explained by each direction's lean towards D (unbiased; smaller error bars)")
 @json_option
-def predict(sketch_dir, delete, weight, query, delta, json_out):
+def predict(sketch_dir, delete, weight, query, delta, degree, control, json_out):
     """Predict outputs after deleting (or reweighting) a set of training examples."""
     if not 0 < delta < 1:
         raise CliError("--delta must lie in (0, 1)")
     sk = load_sketch(sketch_dir)
+    if degree is not None and not 0 <= degree <= sk.degree:
+        raise CliError(f"--degree must lie in [0, {sk.degree}] (the sketch's degree)")
     idx = parse_spec(delete, sk.task)
     qs = check_queries(sk.task, list(query))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        preds = sk.predict(qs, idx, weight=weight, delta=delta)
+        preds = sk.predict(qs, idx, weight=weight, delta=delta, degree=degree, control_variates=control)
     objs = [p.to_json() for p in preds]
     if json_out:
         emit_json(objs[0] if len(objs) == 1 else objs)
         return
-    t = Table(title=f"deleting {len(idx)} examples (weight {weight}), {sk.m} directions, degree {sk.degree}")
+    t = Table(title=f"deleting {len(idx)} examples (weight {weight}), {sk.m} directions, degree {preds[0].degree}"
+              + (", control variates" if control else ""))
     for c in ["query", "base", "estimate", "change", "± stderr", "median of means"]:
         t.add_column(c, justify="right" if c != "query" else "left")
     for p in preds:

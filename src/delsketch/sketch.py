@@ -510,6 +510,7 @@ class Prediction:
     weight: float
     safe_deletion_size: Optional[float] = None
     warning: Optional[str] = None
+    control_variates: bool = False
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -630,11 +631,17 @@ class Sketch:
         delta: float = 0.05,
         degree: Optional[int] = None,
         tolerance: float = 0.05,
+        control_variates: bool = False,
     ) -> Union[Prediction, list]:
         """Predict outputs after deleting D (weight W: 1 deletes, 0<W<1 downweights, W<0 upweights).
 
         ``queries``: one query or a list; ``delete``: one index list or a list of index lists. Returns a
-        Prediction, or nested lists [query][set] when lists were given."""
+        Prediction, or nested lists [query][set] when lists were given.
+
+        ``degree``: truncate at this degree (at most the sketch's). ``control_variates``: subtract the part
+        of each direction's estimate explained by how far that direction happens to lean towards D (see
+        :func:`control_variate_mean`); unbiased, and a smaller standard error when that lean drives the
+        scatter (it does for small deletion sets). ``terms`` then stay the plain per-degree means."""
         single_q = isinstance(queries, str) or callable(queries)
         qs = [queries] if single_q else list(queries)
         single_d = len(delete) == 0 or not isinstance(delete[0], (list, tuple, range, np.ndarray, torch.Tensor))
@@ -650,6 +657,10 @@ class Sketch:
                 if not 0 <= int(j) < self.n:
                     raise ValueError(f"deletion index {j} outside [0, {self.n})")
             D[i, list(map(int, d))] = weight
+        lean = None
+        if control_variates:
+            s = D.to(torch.complex128) @ self.psi().conj().T  # [S, m]
+            lean = s.abs() ** 2 / (D**2).sum(1, keepdim=True)  # |<psi, v>|^2 / |v|^2 ~ Beta(1, n-1)
         out = []
         for q in qs:
             terms = self.per_direction_terms(q, D)[..., : k + 1]  # [S, m, K]
@@ -659,6 +670,8 @@ class Sketch:
                 t = terms[i]
                 est = t.sum(-1)  # [m]
                 m = est.shape[0]
+                if lean is not None:
+                    est = control_variate_adjust(est, lean[i], self.n, 1)
                 se = float(est.std(unbiased=True) / math.sqrt(m)) if m > 1 else float("nan")
                 mom = median_of_means(est, delta)
                 base = float(t[0, 0])
@@ -689,6 +702,7 @@ class Sketch:
                         weight=weight,
                         safe_deletion_size=safe,
                         warning=warn,
+                        control_variates=lean is not None,
                     )
                 )
             out.append(row)
@@ -716,6 +730,36 @@ class Sketch:
 
     def stability(self, query: Query, tolerance: float = 0.05, confidence: float = 0.95) -> dict:
         return stability_report(self.coefficients(query), self.n, tolerance=tolerance, confidence=confidence)
+
+
+def lean_moment(n: int, j: int) -> float:
+    """E[B^j] for B = |<psi, u>|^2, psi uniform on the unit sphere of C^n and u a unit vector: B ~ Beta(1, n-1),
+    so E[B^j] = j! (n-1)! / (n+j-1)!."""
+    return math.exp(math.lgamma(j + 1) + math.lgamma(n) - math.lgamma(n + j))
+
+
+def control_variate_adjust(est: torch.Tensor, lean: torch.Tensor, n: int, powers: int) -> torch.Tensor:
+    """Per-direction estimates with control variates removed, two-fold cross-fitted.
+
+    The controls are Y_j = B^j - E[B^j] (j = 1..powers), B = ``lean`` the squared projection of each direction on
+    the deletion vector: their means are known exactly (:func:`lean_moment`), so est - beta . Y has the mean of
+    est for any fixed beta. beta is fitted by least squares on one half of the directions and applied to the other
+    half (and vice versa), so it is independent of the values it adjusts and the mean stays exactly unbiased.
+    Returns [m] adjusted values (their mean is the estimate, their spread gives its standard error); with fewer
+    than 2 (powers + 2) directions the estimates are returned unchanged."""
+    m = est.shape[0]
+    if m < 2 * (powers + 2):
+        return est
+    Y = torch.stack([lean**j - lean_moment(n, j) for j in range(1, powers + 1)], dim=1)  # [m, J]
+    Y = Y / Y.std(0, keepdim=True).clamp_min(1e-300)  # scale only: conditioning of the fit
+    halves = (torch.arange(m) < m // 2,)
+    halves = (halves[0], ~halves[0])
+    out = est.clone()
+    for fit, use in (halves, halves[::-1]):
+        A = torch.cat([torch.ones(int(fit.sum()), 1, dtype=est.dtype), Y[fit]], dim=1)
+        beta = torch.linalg.lstsq(A, est[fit].unsqueeze(1)).solution[1:, 0]
+        out[use] = est[use] - Y[use] @ beta
+    return out
 
 
 def median_of_means(x: torch.Tensor, delta: float) -> float:

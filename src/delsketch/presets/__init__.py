@@ -66,11 +66,12 @@ def preset_overrides(name: str) -> dict[str, object]:
 
 
 def build_from_spec(spec: dict) -> Task:
-    """The task a sketch's ``task_spec`` records: ``{"preset", "data", "steps", **overrides}``
-    (``steps`` keeps the first N steps of the schedule)."""
+    """The task a sketch's ``task_spec`` records: ``{"preset", "data", "steps", "preset_steps", **overrides}``
+    (``steps`` keeps the first N steps of the schedule, as the CLI's ``--steps``; ``preset_steps`` is the
+    builder's own ``steps``, which sets the length of the run and of its schedules)."""
     from ..run import first_steps
 
     spec = dict(spec)
     name = spec.pop("preset")
-    data, steps = spec.pop("data", None), spec.pop("steps", None)
-    return first_steps(get_preset(name)(data=data, **spec), steps)
+    data, steps, preset_steps = spec.pop("data", None), spec.pop("steps", None), spec.pop("preset_steps", None)
+    return first_steps(get_preset(name)(data=data, steps=preset_steps, **spec), steps)
