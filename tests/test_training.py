@@ -212,9 +212,9 @@ def test_fused_series_optimizer_path_equals_generic_path(opt, monkeypatch):
 
     for o in (opt, AdamW(lr=0.05, eps=1e-4, eps_inside_sqrt=True, weight_decay=0.1)):
         task = dataclasses.replace(_mlp_task(steps=4), optimizer=o)
-        c = torch.zeros(3, 3, task.n, dtype=torch.complex128)
+        c = torch.zeros(3, 5, task.n, dtype=torch.complex128)  # degree 4: every term of the power recurrences
         c[:, 1] = torch.randn(3, task.n, dtype=torch.complex128, generator=torch.Generator().manual_seed(5))
-        run = lambda: train(task, w=taylor.variable(c), params={k: taylor.lift(p, 2) for k, p in task.init_params().items()})
+        run = lambda: train(task, w=taylor.variable(c), params={k: taylor.lift(p, 4) for k, p in task.init_params().items()})
         fused = run()
         with monkeypatch.context() as mp:
             mp.setattr(optim, "_is_series", lambda x: False)

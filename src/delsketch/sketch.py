@@ -455,9 +455,11 @@ def _precompute_parallel(task, out, todo, seed, degree, n_steps, task_spec, work
                     finished += count * n_steps
                     record(ci, j0, count, base, seconds)
                 progress(finished + sum(progress_by_chunk.values()))
-        except BaseException:
+        except BaseException:  # Ctrl-C or a failed chunk: stop the other workers now, not after their chunks
             for f in pending:
                 f.cancel()
+            for proc in list((getattr(ex, "_processes", None) or {}).values()):
+                proc.terminate()
             raise
 
 
