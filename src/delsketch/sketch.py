@@ -277,7 +277,8 @@ def precompute(
     there again (which finds them, verifies them and records them) assembles the sketch.
     ``workers`` > 1 computes chunks in that many processes at once (one torch thread each; on a 2-core
     machine two workers do about twice the work of one). The workers rebuild the task from ``task_spec``
-    (a preset), so it is required then; the numbers are those of ``workers=1`` with one torch thread.
+    (a preset), so it is required then; the numbers are those of ``workers=1`` with one torch thread. The
+    workers are spawned, so a script that calls this needs the usual ``if __name__ == "__main__":`` guard.
     """
     cfg = SketchConfig(directions=directions, degree=degree, seed=seed, chunk=chunk, steps=steps)
     cfg.validate(task)
@@ -357,7 +358,7 @@ def precompute(
         timings["chunks"][name] = round(seconds, 3)
         _write_json(tpath, timings)
 
-    if workers == 1 or len(todo) <= 1:
+    if workers == 1 or not todo:  # (workers > 1 uses worker processes even for one chunk: same threads, same bits)
         for ci, j0, count in todo:
             base_done = done
 
@@ -642,7 +643,7 @@ class Sketch:
 
         ``degree``: truncate at this degree (at most the sketch's). ``control_variates``: subtract the part
         of each direction's estimate explained by how far that direction happens to lean towards D (see
-        :func:`control_variate_mean`); unbiased, and a smaller standard error when that lean drives the
+        :func:`control_variate_adjust`); unbiased, and a smaller standard error when that lean drives the
         scatter (it does for small deletion sets). ``terms`` then stay the plain per-degree means."""
         single_q = isinstance(queries, str) or callable(queries)
         qs = [queries] if single_q else list(queries)
@@ -753,11 +754,10 @@ def control_variate_adjust(est: torch.Tensor, lean: torch.Tensor, n: int, powers
     if m < 2 * (powers + 2):
         return est
     Y = torch.stack([lean**j - lean_moment(n, j) for j in range(1, powers + 1)], dim=1)  # [m, J]
-    Y = Y / Y.std(0, keepdim=True).clamp_min(1e-300)  # scale only: conditioning of the fit
-    halves = (torch.arange(m) < m // 2,)
-    halves = (halves[0], ~halves[0])
+    Y = Y / Y.std(0, keepdim=True).clamp_min(1e-300)  # conditioning only: the fitted beta . Y is scale-free
+    first = torch.arange(m) < m // 2
     out = est.clone()
-    for fit, use in (halves, halves[::-1]):
+    for fit, use in ((first, ~first), (~first, first)):
         A = torch.cat([torch.ones(int(fit.sum()), 1, dtype=est.dtype), Y[fit]], dim=1)
         beta = torch.linalg.lstsq(A, est[fit].unsqueeze(1)).solution[1:, 0]
         out[use] = est[use] - Y[use] @ beta
