@@ -238,3 +238,18 @@ def test_digits_variants():
         build(activation="relu")
     with pytest.raises(ValueError):
         build("some/file")
+
+
+def test_build_from_spec_rebuilds_the_task():
+    """A task spec (as sketches record it, and as worker processes rebuild tasks from it) gives the same task:
+    top-level overrides go to the builder, ``preset_steps`` is the builder's run length, ``steps`` cuts the
+    schedule like the CLI's --steps; a changed override gives another fingerprint."""
+    from delsketch.presets import build_from_spec
+    from delsketch.run import first_steps
+
+    want = first_steps(get_preset("digits")(steps=30, batch=None, n_train=100), 5)
+    spec = {"preset": "digits", "data": None, "steps": 5, "preset_steps": 30, "batch": None, "n_train": 100}
+    got = build_from_spec(spec)
+    assert got.fingerprint() == want.fingerprint() and len(got.schedule) == 5
+    assert build_from_spec({**spec, "n_train": 90}).fingerprint() != want.fingerprint()
+    assert spec["preset"] == "digits" and "preset_steps" in spec  # the caller's dict is left alone
