@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from delsketch.reproduce import QUERY, _deletions, _task
+from delsketch.reproduce import QUERY, _deletions, _spec, _task
 from delsketch.run import first_steps, retrain
-from delsketch.sketch import (Sketch, control_variate_adjust, directions, exact_series, precompute,
+from delsketch.sketch import (control_variate_adjust, directions, exact_series, median_of_means, precompute,
                               ring_train, weight_series)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,11 +69,9 @@ def pade_k1(terms: np.ndarray) -> float:
 def candidates(X: np.ndarray, lean: np.ndarray, n: int, k: int) -> dict[str, float]:
     """Predicted value at t = 1 from per-direction terms X [m, >k] truncated at degree k."""
     T = X[:, : k + 1].sum(1)
-    m = len(T)
-    g = max(1, min(m, math.ceil(8 * math.log(1 / 0.05))))
     out = {
         f"degree {k}": float(T.mean()),
-        f"degree {k}, median of means": float(np.median([c.mean() for c in np.array_split(T, g)])),
+        f"degree {k}, median of means": median_of_means(torch.from_numpy(T), 0.05),  # as Sketch.predict (delta 0.05)
         f"degree {k}, control variate": float(control_variate_adjust(torch.from_numpy(T), torch.from_numpy(lean),
                                                                     n, 1).mean()),
     }
@@ -100,7 +97,7 @@ def main() -> None:
     task = _task(a.data, None)
     D = _deletions(task)
     n = task.n
-    spec = {"preset": "paper", "data": str(Path(a.data).resolve()), "steps": None}
+    spec = _spec(a.data, None)
     fig3_dir = Path(a.fig3_dir)
     sk3 = precompute(task, fig3_dir / "fig3-sketch", 500, 3, seed=0, chunk=250, workers=a.workers, task_spec=spec)
     sk6 = precompute(task, Path(a.work) / "sketch-degree6", a.directions6, 6, seed=1, chunk=-(-a.directions6 // a.workers),

@@ -39,12 +39,11 @@ class CliError(Exception):
 
 def build_task(preset: str, data: Optional[str], steps: Optional[int]):
     """The preset's task; ``steps`` keeps only the first N steps of its schedule (lr schedule unchanged)."""
-    from .presets import get_preset
-    from .run import first_steps
+    from .presets import build_from_spec
 
     if data is not None and not Path(data).exists():
         raise CliError(f"data file not found: {data}")
-    return first_steps(get_preset(preset)(data=data), steps)
+    return build_from_spec(task_spec(preset, data, steps))
 
 
 def task_spec(preset: str, data: Optional[str], steps: Optional[int]) -> dict:

@@ -57,15 +57,19 @@ T_FINE = [i / 100 for i in range(101)]  # the plotted curves
 
 
 def _task(data, steps):
-    from .presets import get_preset
-    from .run import first_steps
+    from .presets import build_from_spec
 
     if data is None:
         raise ValueError(
             "reproducing the paper's figures needs its data: pass data= (--data) the path to names.txt "
             "(32,032 names, one per line; e.g. ../shared/data/names.txt)"
         )
-    return first_steps(get_preset("paper")(data=str(data)), steps)
+    return build_from_spec(_spec(data, steps))
+
+
+def _spec(data, steps) -> dict:
+    """The task spec of the paper preset (recorded in sketches; worker processes rebuild the task from it)."""
+    return {"preset": "paper", "data": str(Path(data).resolve()), "steps": steps}
 
 
 def _deletions(task) -> list[int]:
@@ -171,7 +175,7 @@ def _timed_sketch(task, sdir: Path, directions, degree, seed, chunk, phase, prog
     t0 = time.perf_counter()
     sk = precompute(task, sdir, directions, degree, seed=seed, chunk=chunk, workers=workers,
                     progress=lambda d, tot: _report(progress, phase, d, tot),
-                    task_spec={"preset": "paper", "data": str(Path(data).resolve()), "steps": steps})
+                    task_spec=_spec(data, steps))
     sketch_s = time.perf_counter() - t0
     try:
         chunk_times = json.loads((sdir / "timings.json").read_text())["chunks"]
