@@ -40,6 +40,28 @@ def test_outputs_written(small_run):
     assert out["small"] is True and list(out["tasks"]) == ["digits"]
 
 
+def test_report_only_rebuilds_the_same_markdown(small_run):
+    """--report-only reads the JSON and the safetensors plot data (no pickle) and rewrites the same report."""
+    tmp, _ = small_run
+    plot_file = tmp / "work" / "accuracy-plots.safetensors"
+    assert plot_file.exists() and not list((tmp / "work").glob("*.pkl"))
+    md = (tmp / "accuracy.md").read_text()
+    sys.path.insert(0, str(BENCH))
+    try:
+        import run as bench_run
+
+        rc = bench_run.main(["--report-only", "--json", str(tmp / "accuracy.json"), "--md", str(tmp / "again.md"),
+                             "--figures", str(tmp / "figures2"), "--workdir", str(tmp / "work")])
+    finally:
+        sys.path.remove(str(BENCH))
+    assert rc == 0
+    def text(s):  # the image links name the figure directory; everything else must be identical
+        return [line for line in s.splitlines() if not line.startswith("![")]
+
+    assert text((tmp / "again.md").read_text()) == text(md)
+    assert (tmp / "figures2" / "accuracy-digits.png").stat().st_size > 10_000
+
+
 def test_metrics_present_and_sane(small_run):
     _, out = small_run
     res = out["tasks"]["digits"]

@@ -79,7 +79,8 @@ def plot(key: str, res: dict, pdata: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fams = [f for f in pdata if not f.startswith("top") or "by sketch" in f or "first-order" in f]
+    fams = [f for f in res["families"] if f in pdata]  # the table's order (the stored plot data is unordered)
+    fams = [f for f in fams if not f.startswith("top") or "by sketch" in f or "first-order" in f]
     fams = [f for f in fams if f in ("loo", "random 1%", "random 5%", "random 10%", "random 50%", "groups")
             or f.startswith("top") or "nearest" in f][:8]
     names = res["methods"]

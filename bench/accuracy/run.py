@@ -281,6 +281,39 @@ def run_task(key: str, cfg: dict, args, peer_names: list[str]) -> dict:
     return res, plot_data
 
 
+SEP = "\x1f"  # joins task / family / method in a flat safetensors key (method names contain spaces and '=')
+
+
+def save_plots(plots: dict, path: Path) -> None:
+    """The scatter-plot data (nested dict of arrays) as one safetensors file, written atomically."""
+    from safetensors.numpy import save_file
+
+    flat = {}
+    for task, fams in plots.items():
+        for fam, d in fams.items():
+            flat[SEP.join([task, fam, "true"])] = np.ascontiguousarray(d["true"], dtype=np.float64)
+            for name, P in d["pred"].items():
+                flat[SEP.join([task, fam, "pred", name])] = np.ascontiguousarray(P, dtype=np.float64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(flat, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_plots(path: Path) -> dict:
+    from safetensors.numpy import load_file
+
+    plots: dict = {}
+    for key, arr in load_file(str(path)).items():
+        task, fam, kind, *name = key.split(SEP)
+        d = plots.setdefault(task, {}).setdefault(fam, {"true": None, "pred": {}})
+        if kind == "true":
+            d["true"] = arr
+        else:
+            d["pred"][name[0]] = arr
+    return plots
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="the CI smoke configuration (digits only, small)")
@@ -301,16 +334,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    import pickle
-
     import peers as bpeers
     import report
 
     figdir = Path(args.figures) if args.figures else Path(args.md).parent / "figures"
-    plot_file = Path(args.workdir) / (Path(args.json).stem + "-plots.pkl")
+    plot_file = Path(args.workdir) / (Path(args.json).stem + "-plots.safetensors")
     if args.report_only:
         out = json.loads(Path(args.json).read_text())
-        report.write(out, pickle.loads(plot_file.read_bytes()), Path(args.md), figdir)
+        report.write(out, load_plots(plot_file), Path(args.md), figdir)
         log(f"wrote {args.md}, figures in {figdir}")
         return 0
 
@@ -345,7 +376,7 @@ def main(argv=None) -> int:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1, default=float) + "\n")
     plot_file.parent.mkdir(parents=True, exist_ok=True)
-    plot_file.write_bytes(pickle.dumps(plots))
+    save_plots(plots, plot_file)
     report.write(out, plots, Path(args.md), figdir)
     log(f"wrote {args.json}, {args.md}, figures in {figdir}")
     return 0
