@@ -36,6 +36,8 @@ def test_outputs_written(small_run):
     tmp, out = small_run
     md = (tmp / "accuracy.md").read_text()
     assert "Spearman" in md and "digits" in md
+    assert "the sketch against the best peer at each deletion size" in md
+    assert "| digits (m=256) | random 50% (LDS) |" in md  # the summary row of the LDS
     assert (tmp / "figures" / "accuracy-digits.png").stat().st_size > 10_000
     assert out["small"] is True and list(out["tasks"]) == ["digits"]
 
