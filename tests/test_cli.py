@@ -53,6 +53,25 @@ def test_predict_degree_and_control_variates(sketch_dir, capsys):
     assert rc == 2 and err.count("\n") == 1 and "--degree" in err
 
 
+def test_predict_by_degree(sketch_dir, capsys):
+    """--by-degree prints one row per degree >= 1 with the JSON's by_degree numbers; without it, a note about
+    degree 1 appears exactly when the full-degree stderr is more than twice the degree-1 stderr."""
+    for spec in ("0:5", "0:250"):
+        args = ["predict", str(sketch_dir), "--delete", spec, "--query", "test:5"]
+        obj = json.loads(run(capsys, *args, "--json")[1])
+        assert len(obj["by_degree"]) == 3 and obj["by_degree"][2][1] == pytest.approx(obj["stderr"], rel=1e-12)
+        rc, out, err = run(capsys, *args, "--by-degree")
+        assert rc == 0 and "change truncated at each degree" in out
+        cells = [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines() if line.startswith("│ test:5")]
+        rows = {int(c[1]): float(c[2]) for c in cells if c[1].isdigit()}
+        assert sorted(rows) == [1, 2], out
+        for r, change in rows.items():
+            assert change == pytest.approx(obj["by_degree"][r][0], rel=1e-5, abs=1e-9)
+        rc, out, err = run(capsys, *args)
+        noisy = obj["stderr"] > 2 * obj["by_degree"][1][1]
+        assert rc == 0 and ("degree 1 alone gives" in err) == noisy, (spec, obj["stderr"], obj["by_degree"])
+
+
 def test_retrain_and_series_json(capsys, tmp_path):
     spec = tmp_path / "del.txt"
     spec.write_text("3\n4\n# comment\n10\n")

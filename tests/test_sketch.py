@@ -55,6 +55,30 @@ def test_unbiased_against_exact_series(task, big_sketch):
     assert abs(np.mean(zs)) < 1.5
 
 
+def test_by_degree_equals_the_truncated_predictions(task, big_sketch):
+    """Prediction.by_degree[r] is (change, stderr) of predict(..., degree=r), with and without control variates;
+    its last row is the prediction's own change and stderr; stderrs recomputed by hand from the per-direction
+    terms."""
+    rng = random.Random(3)
+    D = sorted(rng.sample(range(task.n), 30))
+    for cv in (False, True):
+        p = big_sketch.predict("test:mean", D, control_variates=cv)
+        assert len(p.by_degree) == 4
+        assert p.by_degree[3] == [pytest.approx(p.change, rel=1e-12, abs=1e-15), pytest.approx(p.stderr, rel=1e-12)]
+        for r in range(4):
+            q = big_sketch.predict("test:mean", D, degree=r, control_variates=cv)
+            assert p.by_degree[r][0] == pytest.approx(q.change, rel=1e-10, abs=1e-14), (cv, r)
+            if r > 0:
+                assert p.by_degree[r][1] == pytest.approx(q.stderr, rel=1e-10), (cv, r)
+    w = torch.zeros(1, task.n, dtype=torch.float64)
+    w[0, D] = 1.0
+    t = big_sketch.per_direction_terms("test:mean", w)[0].numpy()  # [m, 4]
+    p = big_sketch.predict("test:mean", D)
+    for r in range(1, 4):
+        est = t[:, : r + 1].sum(1)
+        assert p.by_degree[r][1] == pytest.approx(est.std(ddof=1) / np.sqrt(len(est)), rel=1e-10)
+
+
 def test_predictions_cover_retraining(task, big_sketch):
     """Set: 20 random deletion sets, sizes 1..8, drawn with random.Random(1); output test:mean.
     At least 19 of 20 retrained values lie within 3 standard errors of the prediction."""

@@ -212,8 +212,10 @@ def load_sketch(path: str):
 @click.option("--degree", type=int, default=None, help="truncate at this degree (default: the sketch's)")
 @click.option("--control-variates", "control", is_flag=True,
               help="remove the scatter explained by each direction's lean towards D (unbiased; smaller error bars)")
+@click.option("--by-degree", "by_degree", is_flag=True,
+              help="also show the change and its stderr truncated at every degree (bias vs noise)")
 @json_option
-def predict(sketch_dir, delete, weight, query, delta, degree, control, json_out):
+def predict(sketch_dir, delete, weight, query, delta, degree, control, by_degree, json_out):
     """Predict outputs after deleting (or reweighting) a set of training examples."""
     if not 0 < delta < 1:
         raise CliError("--delta must lie in (0, 1)")
@@ -236,6 +238,22 @@ def predict(sketch_dir, delete, weight, query, delta, degree, control, json_out)
     for p in preds:
         t.add_row(p.query, fmt(p.base), fmt(p.estimate), fmt(p.change), fmt(p.stderr), fmt(p.median_of_means))
     out.print(t)
+    if by_degree:
+        bt = Table(title="change truncated at each degree (low degree: truncation bias; high degree: noise)")
+        for c in ["query", "degree", "change", "± stderr", "term", "± term stderr"]:
+            bt.add_column(c, justify="right" if c != "query" else "left")
+        for p in preds:
+            for r in range(1, p.degree + 1):
+                ch, se = p.by_degree[r]
+                bt.add_row(p.query, str(r), fmt(ch), fmt(se), fmt(p.terms[r]), fmt(p.term_stderr[r]))
+        out.print(bt)
+    else:
+        for p in preds:
+            if p.degree > 1 and p.stderr > 2 * p.by_degree[1][1]:
+                ch, se = p.by_degree[1]
+                err.print(f"note: {p.query}: the stderr at degree {p.degree} is {p.stderr / se:.3g}x that at degree 1; "
+                          f"degree 1 alone gives {fmt(ch)} ± {fmt(se)} but leaves out the higher-degree terms "
+                          "(see --by-degree)", soft_wrap=True)
     for w in {str(c.message) for c in caught}:
         err.print(f"warning: {w}")
 

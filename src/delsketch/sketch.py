@@ -514,6 +514,9 @@ class Prediction:
     safe_deletion_size: Optional[float] = None
     warning: Optional[str] = None
     control_variates: bool = False
+    # [change, stderr] of the estimate truncated at each degree r = 0..degree (the last row is change/stderr):
+    # the trade-off between truncation bias (low r) and sampling noise (high r), see docs/accuracy.md
+    by_degree: list = field(default_factory=list)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -671,13 +674,18 @@ class Sketch:
             row = []
             for i, d in enumerate(sets):
                 t = terms[i]
-                est = t.sum(-1)  # [m]
-                m = est.shape[0]
+                m = t.shape[0]
+                cum = t.cumsum(-1)  # [m, k+1]: the estimate truncated at each degree
                 if lean is not None:
-                    est = control_variate_adjust(est, lean[i], self.n, 1)
-                se = float(est.std(unbiased=True) / math.sqrt(m)) if m > 1 else float("nan")
-                mom = median_of_means(est, delta)
+                    cum = torch.stack([control_variate_adjust(cum[:, r], lean[i], self.n, 1)
+                                       for r in range(k + 1)], -1)
+                est = cum[:, k]  # [m]
                 base = float(t[0, 0])
+                by_degree = [[float(cum[:, r].mean()) - base,
+                              float(cum[:, r].std(unbiased=True) / math.sqrt(m)) if m > 1 else float("nan")]
+                             for r in range(k + 1)]
+                se = by_degree[k][1]
+                mom = median_of_means(est, delta)
                 size = len(set(map(int, d)))
                 safe = stab.get("safe_deletion_size")
                 warn = None
@@ -706,6 +714,7 @@ class Sketch:
                         safe_deletion_size=safe,
                         warning=warn,
                         control_variates=lean is not None,
+                        by_degree=by_degree,
                     )
                 )
             out.append(row)
