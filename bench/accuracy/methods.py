@@ -25,7 +25,6 @@ import torch
 
 from delsketch import run
 from delsketch import sketch as sk
-from delsketch.optim import SGD, Adam
 
 
 def base_values(bt) -> np.ndarray:
@@ -51,52 +50,10 @@ def truth(bt, sets: list[list[int]], base: np.ndarray, progress=None) -> tuple[n
 # ------------------------------------------------------------------------------------------------ first order
 
 
-def _opt_step(opt, params, grads, state, s):
-    """A differentiable copy of delsketch's SGD / Adam updates (theirs run under no_grad)."""
-    lr_t = opt.lr_at(s)
-    new, st = {}, {}
-    if isinstance(opt, SGD):
-        assert opt.weight_decay == 0 and not opt.nesterov
-        for k, p in params.items():
-            buf = grads[k] if opt.momentum == 0 else opt.momentum * state.get(k, 0) + grads[k]
-            st[k] = buf
-            new[k] = p - lr_t * buf
-        return new, st
-    if type(opt) is Adam:
-        assert opt.weight_decay == 0
-        b1, b2 = opt.betas
-        bc1, bc2 = 1 - b1 ** (s + 1), 1 - b2 ** (s + 1)
-        for k, p in params.items():
-            m0, v0 = state.get(k, (0, 0))
-            g = grads[k]
-            m = b1 * m0 + (1 - b1) * g
-            v = b2 * v0 + (1 - b2) * g * g
-            denom = torch.sqrt(v / bc2 + opt.eps) if opt.eps_inside_sqrt else torch.sqrt(v / bc2) + opt.eps
-            new[k] = p - lr_t * (m / bc1) / denom
-            st[k] = (m, v)
-        return new, st
-    raise NotImplementedError(type(opt).__name__)
-
-
 def first_order_gradients(bt) -> np.ndarray:
-    """d f_q / d w_i at w = 0 for every example i and query q: [n, Q] (reverse mode through training)."""
-    task = bt.task
-    w = torch.zeros(task.n, dtype=torch.float64, requires_grad=True)
-    params = {k: v.clone().requires_grad_(True) for k, v in task.init_params().items()}
-    state: dict = {}
-    names = list(params)
-    for s, batch in enumerate(task.schedule):
-        idx = torch.tensor(batch, dtype=torch.long)
-        loss = run.batch_loss(task.example_losses(params, idx), w, idx, task.normalization)
-        grads = torch.autograd.grad(loss, [params[k] for k in names], create_graph=True, allow_unused=True)
-        grads = {k: (g if g is not None else torch.zeros_like(params[k])) for k, g in zip(names, grads)}
-        params, state = _opt_step(task.optimizer, params, grads, state, s)
-    cols = []
-    for qi, q in enumerate(bt.queries):
-        f = task.query(params, q)
-        (g,) = torch.autograd.grad(f, w, retain_graph=qi < len(bt.queries) - 1)
-        cols.append(g.detach().numpy())
-    return np.stack(cols, 1)
+    """d f_q / d w_i at w = 0 for every example i and query q: [n, Q] (``delsketch.first_order``: reverse mode
+    through the unrolled training run)."""
+    return sk.first_order(bt.task, bt.queries).numpy()
 
 
 def check_first_order(bt, G: np.ndarray, sets: list[list[int]]) -> dict:

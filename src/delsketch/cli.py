@@ -327,6 +327,53 @@ def series(preset, data, steps, delete, degree, weight, query, json_out):
 
 
 @app.command()
+@preset_options
+@query_option
+@click.option("--top", type=int, default=10, show_default=True, help="examples listed per output (largest |effect|)")
+@json_option
+def influence(preset, data, steps, query, top, json_out):
+    """Exact first-order effect of deleting each training example on each output (reverse mode through the run)."""
+    import torch
+
+    from .sketch import first_order
+
+    if top < 1:
+        raise CliError("--top must be at least 1")
+    task = build_task(preset, data, steps)
+    qs = check_queries(task, list(query))
+    with progress_bar("train (recorded)") as bar:
+        tid = bar.add_task("train (recorded)", total=task.steps)
+        E = first_order(task, qs, callback=lambda s, l: bar.advance(tid))
+    rows = []
+    for j, q in enumerate(qs):
+        e = E[:, j]
+        order = torch.argsort(e.abs(), descending=True, stable=True)[: min(top, task.n)].tolist()
+        rows.append({"query": q, "effects": e.tolist(), "n": task.n,
+                     "top": [{"index": i, "example": _example_text(task, i), "effect": float(e[i])} for i in order],
+                     "sum_of_effects": float(e.sum())})
+    if json_out:
+        emit_json(rows[0] if len(rows) == 1 else rows)
+        return
+    for r in rows:
+        t = Table(title=f"{r['query']}: change if one example is deleted (exact first order; top "
+                        f"{len(r['top'])} of {r['n']} by |effect|)")
+        for c in ["index", "example", "effect"]:
+            t.add_column(c, justify="left" if c == "example" else "right")
+        for x in r["top"]:
+            t.add_row(str(x["index"]), x["example"], fmt(x["effect"]))
+        out.print(t)
+
+
+def _example_text(task, i: int) -> str:
+    ex = task.examples[i] if i < len(task.examples) else None
+    if isinstance(ex, str):
+        return ex
+    if isinstance(ex, dict) and "label" in ex:
+        return f"label {ex['label']}"
+    return f"#{i}"
+
+
+@app.command()
 @click.argument("sketch_dir")
 @click.option("--query", multiple=True, help="outputs to diagnose (default: the preset's default queries)")
 @click.option("--tolerance", type=float, default=0.05, show_default=True, help="truncation error tolerance for the safe deletion size")

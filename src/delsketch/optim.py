@@ -15,6 +15,8 @@ Schedules are small callables ``step -> multiplier``; the learning rate at 0-bas
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from typing import Any
 
@@ -171,10 +173,18 @@ class Optimizer:
     ``init(params)`` returns the initial state; ``step(params, grads, state, step)`` returns
     ``(new_params, new_state)`` computed out of place under ``torch.no_grad()``; ``step`` is the
     0-based index of the training step (it drives the schedule and bias corrections).
+
+    Inside :func:`differentiable` the built-in optimizers compute the same update with autograd
+    recording (for reverse mode through a whole run, :func:`delsketch.sketch.first_order`); a subclass
+    supports that by entering ``self._grad_mode()`` instead of ``torch.no_grad()``.
     """
 
     lr: float
     schedule: Schedule
+    _differentiable: bool = False
+
+    def _grad_mode(self):
+        return contextlib.nullcontext() if self._differentiable else torch.no_grad()
 
     def init(self, params: Params) -> dict[str, Any]:
         return {}
@@ -193,6 +203,17 @@ class Optimizer:
         d = self.describe()
         args = ", ".join(f"{k}={v!r}" for k, v in d.items() if k != "name")
         return f"{type(self).__name__}({args})"
+
+
+@contextlib.contextmanager
+def differentiable(opt: Optimizer):
+    """Within this context ``opt.step`` records autograd history (built-in optimizers, plain tensors)."""
+    old = opt._differentiable
+    opt._differentiable = True
+    try:
+        yield opt
+    finally:
+        opt._differentiable = old
 
 
 class SGD(Optimizer):
@@ -237,7 +258,7 @@ class SGD(Optimizer):
         lr_t = self.lr_at(step)
         new_params: Params = {}
         new_buf: Params = {}
-        with torch.no_grad():
+        with self._grad_mode():
             for name, p in params.items():
                 g = grads[name]
                 if self.weight_decay != 0.0:
@@ -330,7 +351,7 @@ class Adam(Optimizer):
         new_params: Params = {}
         new_m: Params = {}
         new_v: Params = {}
-        with torch.no_grad():
+        with self._grad_mode():
             for name, p in params.items():
                 g = self._grad(grads[name], p)
                 if _is_series(p) and _is_series(g):
