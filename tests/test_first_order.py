@@ -73,6 +73,13 @@ def test_optimizer_without_autograd_is_named(digits):
     assert not opt._differentiable  # restored: plain training stays under no_grad
 
 
+def test_detached_output_is_an_error_not_zeros(digits):
+    detached = lambda p: digits.query(p, "test:0").detach()
+    with pytest.raises(ValueError, match="autograd"):
+        first_order(digits, [detached])
+    assert torch.equal(first_order(digits, ["test:0"], steps=0), torch.zeros(digits.n, 1, dtype=torch.float64))
+
+
 def test_cli_influence(capsys):
     rc = main(["influence", "--preset", "digits", "--steps", "10", "--query", "test:0", "--top", "3", "--json"])
     import json

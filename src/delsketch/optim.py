@@ -16,7 +16,6 @@ Schedules are small callables ``step -> multiplier``; the learning rate at 0-bas
 from __future__ import annotations
 
 import contextlib
-
 import math
 from typing import Any
 

@@ -201,6 +201,9 @@ def first_order(
                 raise ValueError("a query must return a 0-dim tensor")
             if not bool(torch.isfinite(f)):
                 raise NonFiniteError(f"output {query_name(q)!r} is not finite after training")
+            if steps > 0 and not f.requires_grad:
+                raise ValueError(f"output {query_name(q)!r} does not depend on the trained parameters through "
+                                 "autograd (computed under torch.no_grad or detached?)")
             (g,) = torch.autograd.grad(f, w, retain_graph=j < len(queries) - 1, allow_unused=True)
             cols.append(torch.zeros(task.n, dtype=torch.float64) if g is None else g.detach())
     return torch.stack(cols, 1)
