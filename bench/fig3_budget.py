@@ -121,9 +121,7 @@ def main() -> None:
     def per_dir(sk):
         W = torch.zeros(1, n, dtype=torch.float64)
         W[0, D] = 1.0
-        X = sk.per_direction_terms(QUERY, W)[0].numpy()
-        s = (W.to(torch.complex128) @ sk.psi().conj().T)[0]
-        return X, (s.abs() ** 2 / len(D)).numpy()
+        return sk.per_direction_terms(QUERY, W)[0].numpy(), sk.lean(W)[0].numpy()
 
     X3, lean3 = per_dir(sk3)
     X6, lean6 = per_dir(sk6)

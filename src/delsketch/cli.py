@@ -347,7 +347,7 @@ def influence(preset, data, steps, query, top, json_out):
     rows = []
     for j, q in enumerate(qs):
         e = E[:, j]
-        order = torch.argsort(e.abs(), descending=True, stable=True)[: min(top, task.n)].tolist()
+        order = torch.argsort(e.abs(), descending=True, stable=True)[:top].tolist()
         rows.append({"query": q, "effects": e.tolist(), "n": task.n,
                      "top": [{"index": i, "example": _example_text(task, i), "effect": float(e[i])} for i in order],
                      "sum_of_effects": float(e.sum())})

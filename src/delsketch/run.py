@@ -15,6 +15,7 @@ The training loop only uses ``w[idx]``, ``1 - x``, ``*``, ``.sum()``, ``/`` and 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -24,7 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .optim import Optimizer
+from .optim import Optimizer, differentiable
 from .taylor import all_finite
 
 __all__ = ["Task", "NonFiniteError", "train", "retrain", "deletion_weights", "batch_loss", "first_steps"]
@@ -168,6 +169,7 @@ def train(
     callback: Optional[Callable[[int, Tensor], None]] = None,
     check_finite: bool = True,
     check_every: int = 50,
+    record: bool = False,
 ) -> Params:
     """Run steps ``0 .. steps-1`` of ``task.schedule`` and return the final parameters.
 
@@ -180,7 +182,13 @@ def train(
     ``check_finite``: after each step raise :class:`NonFiniteError` if the loss or a parameter
     is not finite.
 
-    Returned parameters are detached float64 tensors (or Series) without ``requires_grad``.
+    ``record``: keep the autograd graph of the whole run (the optimizer inside
+    :func:`delsketch.optim.differentiable`), so the returned parameters are differentiable functions
+    of ``w`` (reverse mode through training, :func:`delsketch.sketch.first_order`); memory grows with
+    the run.
+
+    Returned parameters are detached float64 tensors (or Series) without ``requires_grad``, unless
+    ``record``.
     """
     total = len(task.schedule)
     if steps is None:
@@ -195,37 +203,45 @@ def train(
     names = list(params.keys())
     opt = task.optimizer
     state = opt.init(params)
-
-    for s in range(steps):
-        idx = torch.tensor(task.schedule[s], dtype=torch.long)
-        with torch.enable_grad():
-            losses = task.example_losses(params, idx)
-            if tuple(losses.shape) != (len(idx),):
-                raise ValueError(
-                    f"task {task.name!r}: example_losses must return per-example losses of shape "
-                    f"[{len(idx)}], got {list(losses.shape)}"
-                )
-            loss = batch_loss(losses, w, idx, task.normalization)
-            grads_t = torch.autograd.grad(loss, [params[k] for k in names], allow_unused=True)
-        grads = {
-            k: (g if g is not None else torch.zeros_like(params[k])) for k, g in zip(names, grads_t)
-        }
-        new_params, state = opt.step(params, grads, state, s)
-        loss = loss.detach()
-        if check_finite:
-            # the loss every step (a non-finite parameter reaches the next loss); the parameters
-            # every `check_every` steps and at the end, which names the parameter
-            if not all_finite(loss):
-                raise NonFiniteError(f"step {s}: loss is not finite")
-            if (s + 1) % check_every == 0 or s == steps - 1:
-                for k in names:
-                    if not all_finite(new_params[k]):
-                        raise NonFiniteError(f"step {s}: parameter {k!r} is not finite")
-        params = _fresh_leaves(new_params)
-        if callback is not None:
-            callback(s, loss)
-
-    return {k: v.detach() for k, v in params.items()}
+    with contextlib.ExitStack() as stack:
+        if record:
+            stack.enter_context(torch.enable_grad())
+            stack.enter_context(differentiable(opt))
+        for s in range(steps):
+            idx = torch.tensor(task.schedule[s], dtype=torch.long)
+            with torch.enable_grad():
+                losses = task.example_losses(params, idx)
+                if tuple(losses.shape) != (len(idx),):
+                    raise ValueError(
+                        f"task {task.name!r}: example_losses must return per-example losses of shape "
+                        f"[{len(idx)}], got {list(losses.shape)}"
+                    )
+                loss = batch_loss(losses, w, idx, task.normalization)
+                grads_t = torch.autograd.grad(loss, [params[k] for k in names], allow_unused=True, create_graph=record)
+            grads = {
+                k: (g if g is not None else torch.zeros_like(params[k])) for k, g in zip(names, grads_t)
+            }
+            new_params, state = opt.step(params, grads, state, s)
+            loss = loss.detach()
+            if check_finite:
+                # the loss every step (a non-finite parameter reaches the next loss); the parameters
+                # every `check_every` steps and at the end, which names the parameter
+                if not all_finite(loss):
+                    raise NonFiniteError(f"step {s}: loss is not finite")
+                if (s + 1) % check_every == 0 or s == steps - 1:
+                    for k in names:
+                        if not all_finite(new_params[k]):
+                            raise NonFiniteError(f"step {s}: parameter {k!r} is not finite")
+            if record:
+                if not any(p.requires_grad for p in new_params.values()):
+                    raise TypeError(f"optimizer {type(opt).__name__} computes its update without autograd; recording "
+                                    "needs a differentiable update (enter self._grad_mode() instead of torch.no_grad())")
+                params = new_params
+            else:
+                params = _fresh_leaves(new_params)
+            if callback is not None:
+                callback(s, loss)
+    return params if record else {k: v.detach() for k, v in params.items()}
 
 
 def first_steps(task: Task, steps: Optional[int]) -> Task:

@@ -166,34 +166,13 @@ def first_order(
 
     Needs an optimizer whose update is differentiable (the built-in SGD, Adam, AdamW are; see
     :func:`delsketch.optim.differentiable`)."""
-    from .optim import differentiable
-    from .run import NonFiniteError, _fresh_leaves, batch_loss
+    from .run import NonFiniteError
 
-    total = len(task.schedule)
-    steps = total if steps is None else steps
-    if not 0 <= steps <= total:
-        raise ValueError(f"steps must lie in [0, {total}] for task {task.name!r}, got {steps}")
     if len(queries) == 0:
         raise ValueError("first_order needs at least one query")
     w = torch.zeros(task.n, dtype=torch.float64, requires_grad=True)
-    params = _fresh_leaves(task.init_params())
-    names = list(params)
-    opt = task.optimizer
-    state = opt.init(params)
-    with torch.enable_grad(), differentiable(opt):
-        for s in range(steps):
-            idx = torch.tensor(task.schedule[s], dtype=torch.long)
-            loss = batch_loss(task.example_losses(params, idx), w, idx, task.normalization)
-            if not bool(torch.isfinite(loss)):
-                raise NonFiniteError(f"step {s}: loss is not finite")
-            grads_t = torch.autograd.grad(loss, [params[k] for k in names], create_graph=True, allow_unused=True)
-            grads = {k: (g if g is not None else torch.zeros_like(params[k])) for k, g in zip(names, grads_t)}
-            params, state = opt.step(params, grads, state, s)
-            if s == 0 and not any(p.requires_grad for p in params.values()):
-                raise TypeError(f"optimizer {type(opt).__name__} computes its update without autograd; first_order "
-                                "needs a differentiable update (enter self._grad_mode() instead of torch.no_grad())")
-            if callback is not None:
-                callback(s, loss.detach())
+    params = train(task, w=w, steps=steps, callback=callback, record=True)
+    with torch.enable_grad():
         cols = []
         for j, q in enumerate(queries):
             f = q(params) if callable(q) else task.query(params, q)
@@ -201,7 +180,7 @@ def first_order(
                 raise ValueError("a query must return a 0-dim tensor")
             if not bool(torch.isfinite(f)):
                 raise NonFiniteError(f"output {query_name(q)!r} is not finite after training")
-            if steps > 0 and not f.requires_grad:
+            if not f.requires_grad:
                 raise ValueError(f"output {query_name(q)!r} does not depend on the trained parameters through "
                                  "autograd (computed under torch.no_grad or detached?)")
             (g,) = torch.autograd.grad(f, w, retain_graph=j < len(queries) - 1, allow_unused=True)
@@ -690,6 +669,12 @@ class Sketch:
         powers = s[..., None] ** r  # [S, m, K]
         return (self._scale() * c[None] * powers).real
 
+    def lean(self, deletions: torch.Tensor) -> torch.Tensor:
+        """How far each direction leans towards each deletion vector v: |<psi, v>|^2 / |v|^2, Beta(1, n-1)
+        distributed (the control of :func:`control_variate_adjust`). ``deletions``: [S, n] real; returns [S, m]."""
+        s = deletions.to(torch.complex128) @ self.psi().conj().T  # [S, m]
+        return s.abs() ** 2 / (deletions**2).sum(1, keepdim=True)
+
     def predict(
         self,
         queries: Union[Query, Sequence[Query]],
@@ -724,10 +709,7 @@ class Sketch:
                 if not 0 <= int(j) < self.n:
                     raise ValueError(f"deletion index {j} outside [0, {self.n})")
             D[i, list(map(int, d))] = weight
-        lean = None
-        if control_variates:
-            s = D.to(torch.complex128) @ self.psi().conj().T  # [S, m]
-            lean = s.abs() ** 2 / (D**2).sum(1, keepdim=True)  # |<psi, v>|^2 / |v|^2 ~ Beta(1, n-1)
+        lean = self.lean(D) if control_variates else None
         out = []
         for q in qs:
             terms = self.per_direction_terms(q, D)[..., : k + 1]  # [S, m, K]
