@@ -50,12 +50,27 @@ def table(res: dict, metric: str, fmt_nd=2) -> list[str]:
     return lines
 
 
-def headline(res: dict) -> list[str]:
+def _columns(res: dict) -> tuple[list[str], int, str, str]:
+    """The peers, the largest sketch size and that sketch's degree-1 and full-degree method names."""
     names = res["methods"]
     peers = [m for m in names if not m.startswith("sketch") and m != "first-order"]
     sk = [m for m in names if m.startswith("sketch")]
     mmax = max(int(m.split("m=")[1].split()[0]) for m in sk)
-    d1, dk = f"sketch m={mmax} d=1", [m for m in sk if m.startswith(f"sketch m={mmax} ")][-1]
+    return peers, mmax, f"sketch m={mmax} d=1", [m for m in sk if m.startswith(f"sketch m={mmax} ")][-1]
+
+
+def _best_scaled_peer(res: dict, M: dict, peers: list[str]) -> str | None:
+    """The peer with the smallest median relative error among those with a scale (not rank-only)."""
+    scal = [p for p in peers if not res["rank_only"].get(p) and p in M]
+    return min(scal, key=lambda p: M[p].get("median_relative_error", math.inf)) if scal else None
+
+
+def _pair(M: dict, m: str) -> str:
+    return f"{_f(M[m]['spearman'])} / {_f(M[m].get('median_relative_error'))}"
+
+
+def headline(res: dict) -> list[str]:
+    peers, _, d1, dk = _columns(res)
     cols = [d1, dk, "first-order"]
     lines = ["| deletion | " + " | ".join(f"{_short(c)} ρ / rel.err" for c in cols)
              + " | best peer by ρ | its ρ / rel.err | best peer by rel.err | its rel.err |",
@@ -63,12 +78,10 @@ def headline(res: dict) -> list[str]:
     for fam, row in res["families"].items():
         M = row["methods"]
         bp = best_peer(M, peers)
-        scal = [p for p in peers if not res["rank_only"].get(p) and p in M]
-        be = min(scal, key=lambda p: M[p].get("median_relative_error", math.inf)) if scal else None
-        cells = [f"{_f(M[c]['spearman'])} / {_f(M[c].get('median_relative_error'))}" for c in cols]
+        be = _best_scaled_peer(res, M, peers)
         lines.append(
-            f"| {fam} | " + " | ".join(cells) + " | "
-            + (f"{_short(bp)} | {_f(M[bp]['spearman'])} / {_f(M[bp].get('median_relative_error'))}" if bp else "– | –")
+            f"| {fam} | " + " | ".join(_pair(M, c) for c in cols) + " | "
+            + (f"{_short(bp)} | {_pair(M, bp)}" if bp else "– | –")
             + " | " + (f"{_short(be)} | {_f(M[be].get('median_relative_error'))}" if be else "– | –") + " |")
     return lines
 
@@ -83,14 +96,10 @@ def plot(key: str, res: dict, pdata: dict, path: Path) -> None:
     fams = [f for f in fams if not f.startswith("top") or "by sketch" in f or "first-order" in f]
     fams = [f for f in fams if f in ("loo", "random 1%", "random 5%", "random 10%", "random 50%", "groups")
             or f.startswith("top") or "nearest" in f][:8]
-    names = res["methods"]
-    peers = [m for m in names if not m.startswith("sketch") and m != "first-order"]
-    sk = [m for m in names if m.startswith("sketch")][-1]
+    peers, _, sk1, sk = _columns(res)
     cols = 4
     rows = math.ceil(len(fams) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.8 * rows), squeeze=False)
-    mmax = max(int(m.split("m=")[1].split()[0]) for m in names if m.startswith("sketch"))
-    sk1 = f"sketch m={mmax} d=1"
     for ax, fam in zip(axes.flat, fams):
         T = np.asarray(pdata[fam]["true"]).ravel()
         M = res["families"][fam]["methods"]
@@ -135,25 +144,17 @@ def summary(out: dict) -> list[str]:
              "best peer rel.err | first-order (exact) ρ / rel.err |",
              "|---|---|---:|---:|---|---|---:|"]
     for key, res in out["tasks"].items():
-        names = res["methods"]
-        peers = [m for m in names if not m.startswith("sketch") and m != "first-order"]
-        sk = [m for m in names if m.startswith("sketch")]
-        mmax = max(int(m.split("m=")[1].split()[0]) for m in sk)
-        d1, dk = f"sketch m={mmax} d=1", [m for m in sk if m.startswith(f"sketch m={mmax} ")][-1]
+        peers, mmax, d1, dk = _columns(res)
         for fam in SIZES:
             if fam not in res["families"]:
                 continue
             M = res["families"][fam]["methods"]
             bp = best_peer(M, peers)
-            scal = [p for p in peers if not res["rank_only"].get(p) and p in M]
-            be = min(scal, key=lambda p: M[p].get("median_relative_error", math.inf)) if scal else None
-
-            def pair(m):
-                return f"{_f(M[m]['spearman'])} / {_f(M[m].get('median_relative_error'))}"
-
-            lines.append(f"| {key} (m={mmax}) | {fam if fam != 'random 50%' else 'random 50% (LDS)'} | {pair(d1)} | "
-                         f"{pair(dk)} | " + (f"{_f(M[bp]['spearman'])} ({_short(bp)})" if bp else "–") + " | "
-                         + (f"{_f(M[be]['median_relative_error'])} ({_short(be)})" if be else "–") + f" | {pair('first-order')} |")
+            be = _best_scaled_peer(res, M, peers)
+            lines.append(f"| {key} (m={mmax}) | {fam if fam != 'random 50%' else 'random 50% (LDS)'} | {_pair(M, d1)} | "
+                         f"{_pair(M, dk)} | " + (f"{_f(M[bp]['spearman'])} ({_short(bp)})" if bp else "–") + " | "
+                         + (f"{_f(M[be]['median_relative_error'])} ({_short(be)})" if be else "–")
+                         + f" | {_pair(M, 'first-order')} |")
     return lines
 
 
