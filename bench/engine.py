@@ -27,10 +27,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from delsketch import __version__, taylor
-from delsketch.optim import SGD, Adam, linear_decay
-from delsketch.presets.microgpt import MicroGPT, MicroGPTConfig, TextCorpus, gauss_init
-from delsketch.run import Task, train
+from delsketch import __version__
+from delsketch.series import tensor as taylor
+from delsketch.training.optim import SGD, Adam, linear_decay
+from delsketch.tasks.microgpt import MicroGPT, MicroGPTConfig, TextCorpus, gauss_init
+from delsketch.training import Task, train
 from delsketch.sketch import directions, weight_series
 
 

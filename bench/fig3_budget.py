@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from delsketch.reproduce import QUERY, _deletions, _spec, _task
-from delsketch.run import first_steps, retrain
+from delsketch.apps.reproduce import QUERY, paper_deletions, paper_spec, paper_task
+from delsketch.tasks import factory
+from delsketch.training import first_steps, retrain
 from delsketch.sketch import (control_variate_adjust, directions, exact_series, median_of_means, precompute,
                               ring_train, weight_series)
 
@@ -94,14 +95,15 @@ def main() -> None:
     torch.set_num_threads(1)
     t_start = time.perf_counter()
 
-    task = _task(a.data, None)
-    D = _deletions(task)
+    task = paper_task(a.data, None)
+    D = paper_deletions(task)
     n = task.n
-    spec = _spec(a.data, None)
+    spec = paper_spec(a.data, None)
     fig3_dir = Path(a.fig3_dir)
-    sk3 = precompute(task, fig3_dir / "fig3-sketch", 500, 3, seed=0, chunk=250, workers=a.workers, task_spec=spec)
+    sk3 = precompute(task, fig3_dir / "fig3-sketch", 500, 3, seed=0, chunk=250, workers=a.workers, task_spec=spec,
+                     task_factory=factory(spec))
     sk6 = precompute(task, Path(a.work) / "sketch-degree6", a.directions6, 6, seed=1, chunk=-(-a.directions6 // a.workers),
-                     workers=a.workers, task_spec=spec)
+                     workers=a.workers, task_spec=spec, task_factory=factory(spec))
 
     # exact series and truth (reused from a previous result file of the same task)
     t0 = time.perf_counter()

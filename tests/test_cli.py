@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from delsketch.cli import main
+from delsketch.apps.cli import main
 
 from conftest import NAMES_TXT
 
@@ -144,7 +144,7 @@ def test_corrupted_sketch_exits_2(sketch_dir, capsys, tmp_path):
 
 
 def test_console_script_runs():
-    r = subprocess.run([sys.executable, "-m", "delsketch.cli", "predict", "/nonexistent", "--delete", "1", "--query", "x"],
+    r = subprocess.run([sys.executable, "-m", "delsketch.apps.cli", "predict", "/nonexistent", "--delete", "1", "--query", "x"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: ")
 
@@ -155,7 +155,7 @@ def test_interrupted_sketch_resumes_from_the_cli(tmp_path):
     import time
 
     out = tmp_path / "sk"
-    cmd = [sys.executable, "-m", "delsketch.cli", "sketch", "--preset", "digits", "--directions", "64", "--degree", "2",
+    cmd = [sys.executable, "-m", "delsketch.apps.cli", "sketch", "--preset", "digits", "--directions", "64", "--degree", "2",
            "--chunk", "8", "--out", str(out)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120

@@ -6,10 +6,10 @@ import json
 
 from rich.console import Console
 
-from delsketch.cli import progress_bar
-from delsketch.demo import DEMO_DELETE, DEMO_QUERIES, run_demo
-from delsketch.presets import get_preset
-from delsketch.run import retrain, train
+from delsketch.apps.cli import progress_bar
+from delsketch.apps.demo import DEMO_DELETE, DEMO_QUERIES, run_demo
+from delsketch.tasks import get_preset
+from delsketch.training import retrain, train
 
 
 def test_demo_small(tmp_path):

@@ -10,10 +10,10 @@ import dataclasses
 import pytest
 import torch
 
-from delsketch.cli import main
-from delsketch.optim import SGD, AdamW, differentiable
-from delsketch.presets import get_preset
-from delsketch.run import train
+from delsketch.apps.cli import main
+from delsketch.training.optim import SGD, AdamW, differentiable
+from delsketch.tasks import get_preset
+from delsketch.training import train
 from delsketch.sketch import evaluate, exact_series, first_order
 
 

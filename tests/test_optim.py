@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from delsketch import optim
-from delsketch.optim import SGD, Adam, AdamW
+from delsketch.training import optim
+from delsketch.training.optim import SGD, Adam, AdamW
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -19,9 +19,9 @@ import math
 import pytest
 import torch
 
-from delsketch import taylor
-from delsketch.presets import get_preset
-from delsketch.run import train
+from delsketch.series import tensor as taylor
+from delsketch.tasks import get_preset
+from delsketch.training import train
 from delsketch.sketch import exact_series
 
 from conftest import SHARED

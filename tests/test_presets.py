@@ -5,8 +5,8 @@ import time
 import pytest
 import torch
 
-from delsketch.presets import PRESETS, get_preset, preset_overrides
-from delsketch.run import retrain, train
+from delsketch.tasks import PRESETS, get_preset, preset_overrides
+from delsketch.training import retrain, train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -45,7 +45,7 @@ def anchor(reference_dir):
 
 
 def test_paper_init_equals_reference(paper, reference_dir):
-    from delsketch.presets.paper import PARAM_ORDER, flat_params
+    from delsketch.tasks.paper import PARAM_ORDER, flat_params
 
     ref = json.loads((reference_dir / "init_params.json").read_text())
     init = paper.init_params()
@@ -244,8 +244,8 @@ def test_build_from_spec_rebuilds_the_task():
     """A task spec (as sketches record it, and as worker processes rebuild tasks from it) gives the same task:
     top-level overrides go to the builder, ``preset_steps`` is the builder's run length, ``steps`` cuts the
     schedule like the CLI's --steps; a changed override gives another fingerprint."""
-    from delsketch.presets import build_from_spec
-    from delsketch.run import first_steps
+    from delsketch.tasks import build_from_spec
+    from delsketch.training import first_steps
 
     want = first_steps(get_preset("digits")(steps=30, batch=None, n_train=100), 5)
     spec = {"preset": "digits", "data": None, "steps": 5, "preset_steps": 30, "batch": None, "n_train": 100}

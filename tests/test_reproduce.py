@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from delsketch.cli import main
-from delsketch.presets import get_preset
-from delsketch.run import first_steps, retrain
+from delsketch.apps.cli import main
+from delsketch.tasks import get_preset
+from delsketch.training import first_steps, retrain
 from delsketch.sketch import Sketch, evaluate, exact_series, stability_report
 
 from conftest import NAMES_TXT
@@ -152,7 +152,7 @@ def test_fig1_against_stability_report(out_dir, task, capsys):
 
 
 def test_python_api_returns_what_it_writes(tmp_path):
-    from delsketch.reproduce import fig2
+    from delsketch.apps.reproduce import fig2
 
     res = fig2(str(NAMES_TXT), tmp_path, degree=2, steps=5)
     assert res == json.loads((tmp_path / "fig2.json").read_text())

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from delsketch import ring as R
+from delsketch.series import kernels as R
 
 DT = torch.float64
 CDT = torch.complex128
@@ -651,7 +651,7 @@ def test_bilinear_matmul_real0_vs_jvp(shortcut_calls):
 
 def _conv1d_op(x, w):
     """A series convolution as the engine calls it (real conv extended to complex by real calls)."""
-    from delsketch import taylor  # noqa: PLC0415
+    from delsketch.series import tensor as taylor  # noqa: PLC0415
 
     return taylor._conv_pair(x, w, [1], [1], [1], 1, False, [0])
 

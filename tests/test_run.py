@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from delsketch.optim import SGD, Adam
-from delsketch.run import NonFiniteError, Task, deletion_weights, retrain, train
+from delsketch.training.optim import SGD, Adam
+from delsketch.training import NonFiniteError, Task, deletion_weights, retrain, train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from delsketch.presets import get_preset
-from delsketch.run import retrain, train, deletion_weights
+from delsketch.tasks import factory, get_preset
+from delsketch.training import retrain, train, deletion_weights
 from delsketch.sketch import Sketch, SketchError, StabilityWarning, exact_series, precompute, direction
 
 QUERIES = ["test:mean", "test:3", "test:17"]
@@ -247,18 +247,19 @@ def test_worker_processes_give_the_same_bytes(task, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     precompute(task, one, directions=12, degree=2, chunk=4, seed=1, task_spec=spec)
     with pytest.warns(StabilityWarning, match="incomplete"):
-        precompute(task, two, directions=12, degree=2, chunk=4, seed=1, task_spec=spec, workers=2, max_chunks=2)
+        precompute(task, two, directions=12, degree=2, chunk=4, seed=1, task_spec=spec, task_factory=factory(spec), workers=2,
+                   max_chunks=2)
     assert len(json.loads((two / "manifest.json").read_text())["chunks"]) == 2
-    precompute(task, two, directions=12, degree=2, chunk=4, seed=1, task_spec=spec, workers=2)
+    precompute(task, two, directions=12, degree=2, chunk=4, seed=1, task_spec=spec, task_factory=factory(spec), workers=2)
     assert _files(two) == _files(one)
 
 
-def test_workers_need_a_preset_spec(task, tmp_path):
-    with pytest.raises(ValueError, match="task_spec"):
+def test_workers_need_a_task_factory(task, tmp_path):
+    with pytest.raises(ValueError, match="task_factory"):
         precompute(task, tmp_path / "x", directions=8, degree=1, chunk=4, workers=2)
     spec = {"preset": "digits", "data": None, "steps": None, "n_train": 99, "epochs": 2}  # not this task
     with pytest.raises(SketchError, match="fingerprints differ"):
-        precompute(task, tmp_path / "y", directions=8, degree=1, chunk=4, workers=2, task_spec=spec)
+        precompute(task, tmp_path / "y", directions=8, degree=1, chunk=4, workers=2, task_factory=factory(spec))
 
 
 def test_lean_moments_match_monte_carlo():

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from delsketch import taylor
-from delsketch.taylor import Series, SeriesDomainError, UnsupportedOpError
+from delsketch.series import tensor as taylor
+from delsketch.series import Series, SeriesDomainError, UnsupportedOpError
 
 from jets import complex_by_interpolation, path, taylor_coefficients
 

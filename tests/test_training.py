@@ -15,10 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from delsketch import taylor
-from delsketch.optim import SGD, Adam
-from delsketch.presets import get_preset
-from delsketch.run import Task, train
+from delsketch.series import tensor as taylor
+from delsketch.training.optim import SGD, Adam
+from delsketch.tasks import get_preset
+from delsketch.training import Task, train
 
 from jets import taylor_coefficients
 
@@ -207,8 +207,8 @@ def test_fused_series_optimizer_path_equals_generic_path(opt, monkeypatch):
     """Adam's fused coefficient path for Series gives the generic (dispatch) path's numbers."""
     import dataclasses
 
-    from delsketch import optim
-    from delsketch.optim import AdamW
+    from delsketch.training import optim
+    from delsketch.training.optim import AdamW
 
     for o in (opt, AdamW(lr=0.05, eps=1e-4, eps_inside_sqrt=True, weight_decay=0.1)):
         task = dataclasses.replace(_mlp_task(steps=4), optimizer=o)

@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from delsketch import run
+from delsketch import training as run
 from delsketch import sketch as sk
+from delsketch.tasks import factory
 
 
 def base_values(bt) -> np.ndarray:
@@ -82,7 +83,8 @@ def sketch_coefficients(bt, directory: Path, directions: int, degree: int, seed:
     t0 = time.perf_counter()
     chunk = 64 if workers == 1 else max(16, min(256, -(-directions // (4 * workers))))
     S = sk.precompute(bt.task, directory, directions=directions, degree=degree, seed=seed, chunk=chunk,
-                      workers=workers, task_spec=bt.spec or None)
+                      workers=workers, task_spec=bt.spec or None,
+                      task_factory=factory(bt.spec) if bt.spec else None)
     wall = time.perf_counter() - t0
     chunk_times = chunk_timings(directory)
     t1 = time.perf_counter()

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from delsketch import run
+from delsketch import training as run
 
 PEERS_MODULES = {
     "captum TracInCP": "captum",
@@ -289,9 +289,9 @@ class LinearMicroGPT(nn.Module):
 
     def __init__(self, ref: nn.Module):
         super().__init__()
-        from delsketch.presets.microgpt import _rmsnorm
+        from delsketch.tasks.microgpt import rmsnorm
 
-        self._rmsnorm = _rmsnorm
+        self.rmsnorm = rmsnorm
         cfg = ref.cfg
         V, C = cfg.vocab_size, cfg.n_embd
         self.cfg = cfg
@@ -325,18 +325,18 @@ class LinearMicroGPT(nn.Module):
 
         B, T = tokens.shape
         H, hd = self.n_head, self.head_dim
-        x = self._rmsnorm(F.embedding(tokens, self.wte) + self.wpe[:T])
+        x = self.rmsnorm(F.embedding(tokens, self.wte) + self.wpe[:T])
         future = self.future[:T, :T]
         for b in self.blocks:
             res = x
-            h = self._rmsnorm(x)
+            h = self.rmsnorm(x)
             q = (b.attn_wq(h) * self.scale).reshape(B, T, H, hd).transpose(1, 2)
             k = b.attn_wk(h).reshape(B, T, H, hd).transpose(1, 2)
             v = b.attn_wv(h).reshape(B, T, H, hd).transpose(1, 2)
             att = torch.softmax((q @ k.transpose(-1, -2)).masked_fill(future, float("-inf")), dim=-1)
             x = b.attn_wo((att @ v).transpose(1, 2).reshape(B, T, -1)) + res
             res = x
-            x = b.mlp_fc2(F.gelu(b.mlp_fc1(self._rmsnorm(x)), approximate="none")) + res
+            x = b.mlp_fc2(F.gelu(b.mlp_fc1(self.rmsnorm(x)), approximate="none")) + res
         return self.lm_head(x)
 
 

@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from delsketch.presets import get_preset
-from delsketch.run import Task, first_steps
+from delsketch.tasks import get_preset
+from delsketch.training import Task, first_steps
 
 
 @dataclass
@@ -124,7 +124,7 @@ def text_task(key: str, preset: str, n_queries: int, data=None, steps=None, **ov
     train_docs = list(task.examples)
     # held-out queries: documents of the same source that are not training documents
     if preset == "names":
-        from delsketch.presets.names import census_names
+        from delsketch.tasks.names import census_names
 
         docs, _ = census_names()
         rng = random.Random(task.config["seed"])
@@ -132,7 +132,7 @@ def text_task(key: str, preset: str, n_queries: int, data=None, steps=None, **ov
         rng.shuffle(docs)
         held = docs[task.n:]
     else:  # paper: the documents after the first n of the preset's shuffle
-        from delsketch.presets.paper import SEED, load_docs
+        from delsketch.tasks.paper import SEED, load_docs
 
         docs, _ = load_docs(data)
         rng = random.Random(SEED)

@@ -1,5 +1,5 @@
 """``python -m delsketch ...`` is the ``delsketch`` command."""
 
-from .cli import entry
+from .apps.cli import entry
 
 entry()

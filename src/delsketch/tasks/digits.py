@@ -35,8 +35,8 @@ import torch.nn as nn
 from torch import Tensor
 from torch.func import functional_call
 
-from ..optim import SGD, Adam, Optimizer, constant, linear_decay
-from ..run import Task
+from ..training.optim import SGD, Adam, Optimizer, constant, linear_decay
+from ..training import Task
 
 __all__ = ["build", "MLP"]
 

@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..io import atomic_write  # noqa: E402
 
-def _save(fig, path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
+
+def save_figure(fig, path) -> None:
+    """Write ``fig`` as a PNG atomically (see :func:`delsketch.io.atomic_write`) and close it."""
     try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"), suffix=".png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def plot_stability(reports: dict, path) -> None:
@@ -40,7 +32,7 @@ def plot_stability(reports: dict, path) -> None:
     ax.set_title("stability: Taylor terms should decay with r")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_predicted_vs_actual(rows: list[dict], path, title: str) -> None:
@@ -63,4 +55,4 @@ def plot_predicted_vs_actual(rows: list[dict], path, title: str) -> None:
     ax.set_ylabel("change of the output")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)

@@ -24,7 +24,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -32,6 +31,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
+
+from ..io import write_json
 
 __all__ = ["fig1", "fig2", "fig3", "PAPER", "FIGURES"]
 
@@ -56,23 +57,23 @@ T_FINE = [i / 100 for i in range(101)]  # the plotted curves
 # ----------------------------------------------------------------------------------------------
 
 
-def _task(data, steps):
-    from .presets import build_from_spec
+def paper_task(data, steps):
+    from ..tasks import build_from_spec
 
     if data is None:
         raise ValueError(
             "reproducing the paper's figures needs its data: pass data= (--data) the path to names.txt "
             "(32,032 names, one per line; e.g. ../shared/data/names.txt)"
         )
-    return build_from_spec(_spec(data, steps))
+    return build_from_spec(paper_spec(data, steps))
 
 
-def _spec(data, steps) -> dict:
+def paper_spec(data, steps) -> dict:
     """The task spec of the paper preset (recorded in sketches; worker processes rebuild the task from it)."""
     return {"preset": "paper", "data": str(Path(data).resolve()), "steps": steps}
 
 
-def _deletions(task) -> list[int]:
+def paper_deletions(task) -> list[int]:
     return [i for i in task.select(DELETE) if i < task.n]
 
 
@@ -102,20 +103,6 @@ def _machine() -> dict:
     }
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(obj, indent=1) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _report(progress: Progress, phase: str, done: int, total: int) -> None:
     if progress is not None:
         progress(phase, done, total)
@@ -123,8 +110,8 @@ def _report(progress: Progress, phase: str, done: int, total: int) -> None:
 
 def _retrain_curve(task, delete: Sequence[int], query: str, ts: Sequence[float], progress: Progress) -> dict:
     """Real retraining with weight t on D for every t: the output's value and the wall time per run."""
-    from .run import retrain
-    from .sketch import evaluate
+    from ..training import retrain
+    from ..sketch import evaluate
 
     values, seconds = [], []
     total = len(ts) * task.steps
@@ -158,9 +145,9 @@ def _start(data, out, steps, query):
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     machine = _machine()
-    task = _task(data, steps)
+    task = paper_task(data, steps)
     task.validate_query(query)
-    return out, t_start, machine, task, _deletions(task)
+    return out, t_start, machine, task, paper_deletions(task)
 
 
 def _workers(workers: Optional[int]) -> int:
@@ -170,12 +157,13 @@ def _workers(workers: Optional[int]) -> int:
 
 def _timed_sketch(task, sdir: Path, directions, degree, seed, chunk, phase, progress, data, steps, workers=1):
     """precompute (resumable) in ``sdir``; returns the sketch, its wall time and the per-chunk times."""
-    from .sketch import precompute
+    from ..sketch import precompute
+    from ..tasks import factory
 
     t0 = time.perf_counter()
     sk = precompute(task, sdir, directions, degree, seed=seed, chunk=chunk, workers=workers,
                     progress=lambda d, tot: _report(progress, phase, d, tot),
-                    task_spec=_spec(data, steps))
+                    task_spec=paper_spec(data, steps), task_factory=factory(paper_spec(data, steps)))
     sketch_s = time.perf_counter() - t0
     try:
         chunk_times = json.loads((sdir / "timings.json").read_text())["chunks"]
@@ -190,7 +178,7 @@ def _finish(res: dict, out: Path, name: str, plot, t_start: float) -> dict:
     plot(res, out / f"{name}.png")
     res["timings"]["plot_s"] = round(time.perf_counter() - t0, 3)
     res["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
-    _write_json(out / f"{name}.json", res)
+    write_json(out / f"{name}.json", res, sort_keys=False)
     return res
 
 
@@ -209,7 +197,7 @@ def _plt():
 def fig2(data, out, degree: int = 6, steps: Optional[int] = None, query: str = QUERY,
          progress: Progress = None) -> dict:
     """Degree-r partial sums of the exact Taylor series of t -> query(t 1_D) against real retrains."""
-    from .sketch import exact_series
+    from ..sketch import exact_series
 
     if not 1 <= degree <= 100:
         raise ValueError(f"degree must lie in [1, 100], got {degree}")
@@ -268,7 +256,7 @@ def fig2(data, out, degree: int = 6, steps: Optional[int] = None, query: str = Q
 
 
 def _plot_fig2(res: dict, path: Path) -> None:
-    from .report import _save
+    from .report import save_figure
 
     plt = _plt()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.6, 1]})
@@ -293,7 +281,7 @@ def _plot_fig2(res: dict, path: Path) -> None:
     ax2.set_ylabel("|partial sum - retrained| at t = 1")
     ax2.set_title("truncation error at t = 1", fontsize=9)
     ax2.grid(alpha=0.3, which="both")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,7 +295,7 @@ def fig3(data, out, directions: int = 500, degree: int = 3, steps: Optional[int]
     """Sketch prediction of t -> query(t 1_D) with standard errors against real retrains.
 
     ``workers``: processes computing chunks of directions at once (default: one per core)."""
-    from .sketch import StabilityWarning
+    from ..sketch import StabilityWarning
 
     out, t_start, machine, task, D = _start(data, out, steps, query)
     sdir = out / "fig3-sketch"
@@ -417,7 +405,7 @@ def fig3(data, out, directions: int = 500, degree: int = 3, steps: Optional[int]
 
 
 def _plot_fig3(res: dict, path: Path) -> None:
-    from .report import _save
+    from .report import save_figure
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
@@ -444,7 +432,7 @@ def _plot_fig3(res: dict, path: Path) -> None:
                  f"error at t = 1: {z:+.2f} s.e." if z is not None else "sketch vs retraining", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -467,14 +455,14 @@ def fig1(data, out, directions: int = 12, degree: int = 100, steps: Optional[int
     ``check_degree``: a second ring run at this low degree with the same directions; its coefficients
     must equal the degree-``degree`` run's first ``check_degree + 1`` (truncation does not change lower
     coefficients), which tests that the long series lost no accuracy (0 skips the check)."""
-    from . import taylor
-    from .sketch import evaluate, ring_train, stability_report, weight_series
+    from .. import series as taylor
+    from ..sketch import evaluate, ring_train, stability_report, weight_series
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     machine = _machine()
-    task = _task(data, steps)
+    task = paper_task(data, steps)
     doc = task.examples[0] if doc is None else doc
     task.validate_query(doc)
     workers = _workers(workers)
@@ -554,7 +542,7 @@ def fig1(data, out, directions: int = 12, degree: int = 100, steps: Optional[int
 
 
 def _plot_fig1(res: dict, path: Path) -> None:
-    from .report import _save
+    from .report import save_figure
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
@@ -574,7 +562,7 @@ def _plot_fig1(res: dict, path: Path) -> None:
                  f"{res['config']['steps']} steps", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def run_figure(name: str, data, out, progress: Progress = None, **kwargs) -> dict:

@@ -4,7 +4,7 @@ Every optimizer here is *functional*: parameters and state are explicit dicts of
 ``step`` returns new dicts instead of mutating anything.  The update is written as ordinary
 out-of-place tensor arithmetic (``+``, ``*``, ``/``, ``torch.sqrt``) with the learning rate,
 betas and bias corrections as Python floats, so the very same code runs on plain float64
-tensors (training, retraining) and on :class:`delsketch.taylor.Series` parameters (a ring run).
+tensors (training, retraining) and on :class:`delsketch.series.Series` parameters (a ring run).
 
 Nothing here inspects tensor values: no ``.item()``, no branching on data, no in-place ops,
 no ``torch.optim``.
@@ -374,7 +374,7 @@ class Adam(Optimizer):
     def _series_step(self, p, g, m, v, lr_t, bc1, bc2):
         """The same update on series coefficients, with fewer full passes (same formulas), done in slices of
         directions small enough to stay in cache (the update is elementwise, so slicing changes no number)."""
-        from .taylor import coefficients, variable
+        from ..series import coefficients, variable
 
         pc = coefficients(self._decay(p, lr_t))
         gc = coefficients(g)
@@ -397,7 +397,7 @@ class Adam(Optimizer):
         """One slice of the update, written for few passes over the coefficients: g*g by its symmetric
         Cauchy products, 1/bc2 folded into the normalization of the power recurrence, the final Cauchy
         product accumulated straight into the new parameters. Degree-0 work follows the plain formulas."""
-        from . import ring
+        from ..series import kernels as ring
 
         b1, b2 = self.betas
         K = gc.shape[1]
@@ -407,7 +407,7 @@ class Adam(Optimizer):
             terms = [(gc[:, j], gc[:, k - j], 2.0) for j in range((k + 1) // 2)]
             if k % 2 == 0:
                 terms.append((gc[:, k // 2], gc[:, k // 2], 1.0))
-            ring._acc(g2[:, k], terms)
+            ring.accumulate(g2[:, k], terms)
         vc = torch.add(vc * b2, g2, alpha=1 - b2, out=out_v) if vc is not None else torch.mul(g2, 1 - b2, out=out_v)
         del g2
         # d = (v / bc2 + eps)^(-1/2)  (eps inside)  or  1 / (sqrt(v / bc2) + eps): power recurrences on
@@ -418,14 +418,14 @@ class Adam(Optimizer):
         if bool((u0 == 0).any()):
             raise ring.SeriesDomainError("adam: degree-0 coefficient of the second moment is zero")
         d = torch.empty(gc.shape, dtype=gc.dtype)
-        (d0,) = ring._apply0(u0, torch.rsqrt if self.eps_inside_sqrt else torch.sqrt, positive=True)
+        (d0,) = ring.apply0(u0, torch.rsqrt if self.eps_inside_sqrt else torch.sqrt, positive=True)
         d[:, 0] = d0
         if K > 1:
-            (inv0,) = ring._apply0(u0 * bc2, torch.reciprocal)
+            (inv0,) = ring.apply0(u0 * bc2, torch.reciprocal)
             uh = vc[:, 1:] * inv0.unsqueeze(1)  # uh_1 .. uh_{K-1}
             r = -0.5 if self.eps_inside_sqrt else 0.5
             for k in range(1, K):
-                ring._acc(d[:, k], [(uh[:, j - 1], d[:, k - j], ((r + 1.0) * j - k) / k) for j in range(1, k + 1)])
+                ring.accumulate(d[:, k], [(uh[:, j - 1], d[:, k - j], ((r + 1.0) * j - k) / k) for j in range(1, k + 1)])
             del uh
             if not self.eps_inside_sqrt:  # d = 1 / (sqrt(u) + eps)
                 d[:, 0] += self.eps

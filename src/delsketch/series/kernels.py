@@ -142,7 +142,7 @@ def _check_nonzero0(a: torch.Tensor, name: str, what: str = "") -> None:
         )
 
 
-def _apply0(x: torch.Tensor, *fns, positive: bool = False) -> tuple:
+def apply0(x: torch.Tensor, *fns, positive: bool = False) -> tuple:
     """Functions ``fns`` of degree-0 coefficients x, real on the real axis.
 
     When x is complex with zero imaginary part -- the common case: the engine's
@@ -163,7 +163,7 @@ def _use_loop(K: int, u: torch.Tensor) -> bool:
     return K <= _LOOP_MAX_K or u[:, 0].numel() > _VEC_MAX_NUMEL
 
 
-def _acc(out: torch.Tensor, terms: list, scale=None) -> None:
+def accumulate(out: torch.Tensor, terms: list, scale=None) -> None:
     """out <- scale * sum_t w_t x_t y_t for terms (x_t, y_t, w_t), w_t real floats.
 
     One mul plus one fused addcmul_ per further term; the term with the largest
@@ -554,7 +554,7 @@ def reciprocal(a: torch.Tensor) -> torch.Tensor:
     ninv0 = -w[:, 0]
     if _use_loop(K, a):
         for k in range(1, K):
-            _acc(w[:, k], [(a[:, j], w[:, k - j], 1.0) for j in range(1, k + 1)], ninv0)
+            accumulate(w[:, k], [(a[:, j], w[:, k - j], 1.0) for j in range(1, k + 1)], ninv0)
     else:
         ar = a.flip(1)
         for k in range(1, K):
@@ -583,7 +583,7 @@ def _pow(u: torch.Tensor, r: float, f0=None) -> torch.Tensor:
     """u**r for u_0 != 0 (checked by the caller) by the power recurrence; f0: u_0 -> u_0**r."""
     K = u.shape[1]
     u0 = u[:, 0]
-    (v0,) = _apply0(u0, f0 or (lambda x: torch.pow(x, r)), positive=True)
+    (v0,) = apply0(u0, f0 or (lambda x: torch.pow(x, r)), positive=True)
     v = _new_like0(u, v0)
     if K == 1:
         return v
@@ -591,7 +591,7 @@ def _pow(u: torch.Tensor, r: float, f0=None) -> torch.Tensor:
     rp1 = r + 1.0
     if _use_loop(K, u):
         for k in range(1, K):
-            _acc(v[:, k], [(uh[:, j], v[:, k - j], (rp1 * j - k) / k) for j in range(1, k + 1)])
+            accumulate(v[:, k], [(uh[:, j], v[:, k - j], (rp1 * j - k) / k) for j in range(1, k + 1)])
     else:
         uhr = uh.flip(1)
         rdt = u.real.dtype if u.is_complex() else u.dtype
@@ -645,7 +645,7 @@ def _exp(a: torch.Tensor, scale: float) -> torch.Tensor:
     """scale * exp(a) (the recurrence is linear in v, so the factor goes into v_0 only)."""
     K = a.shape[1]
     v = torch.empty_like(a)
-    (v0,) = _apply0(a[:, 0], torch.exp)
+    (v0,) = apply0(a[:, 0], torch.exp)
     if scale != 1.0:
         v0.mul_(scale)
     v[:, 0] = v0
@@ -654,7 +654,7 @@ def _exp(a: torch.Tensor, scale: float) -> torch.Tensor:
         return v
     if _use_loop(K, a):
         for k in range(1, K):
-            _acc(v[:, k], [(a[:, j], v[:, k - j], j / k) for j in range(1, k + 1)])
+            accumulate(v[:, k], [(a[:, j], v[:, k - j], j / k) for j in range(1, k + 1)])
     else:
         jar = (a * _arange_col(K, a)).flip(1)
         for k in range(1, K):
@@ -668,7 +668,7 @@ def log(a: torch.Tensor) -> torch.Tensor:
     _check_nonzero0(a, "log")
     K = a.shape[1]
     v = torch.empty_like(a)
-    (v[:, 0],) = _apply0(a[:, 0], torch.log, positive=True)
+    (v[:, 0],) = apply0(a[:, 0], torch.log, positive=True)
     if K == 1:
         return v
     inv0 = 1.0 / a[:, 0]
@@ -742,11 +742,11 @@ def _riccati(u: torch.Tensor, v0: torch.Tensor, g0: torch.Tensor, c1: float) -> 
                     terms.append((v[:, n // 2], v[:, n // 2], -1.0))
                 gn = g[:, n]
                 if c1 != 0.0:
-                    _acc(gn, terms)
+                    accumulate(gn, terms)
                     gn.add_(v[:, n], alpha=c1)
                 else:
-                    _acc(gn, terms)
-            _acc(v[:, k], [(u[:, j], g[:, k - j], j / k) for j in range(1, k + 1)])
+                    accumulate(gn, terms)
+            accumulate(v[:, k], [(u[:, j], g[:, k - j], j / k) for j in range(1, k + 1)])
     else:
         jur = (u * _arange_col(K, u)).flip(1)
         vr = torch.empty_like(v)  # vr[:, K-1-i] = v_i
@@ -815,7 +815,7 @@ def tanh(a: torch.Tensor) -> torch.Tensor:
     """tanh(a): tanh' = 1 - tanh^2."""
     _check_series(a, "tanh")
     # g0 = 1 - tanh^2 = 1/cosh^2, without cancellation
-    v0, g0 = _apply0(a[:, 0], torch.tanh, lambda x: torch.cosh(x).reciprocal_().square_())
+    v0, g0 = apply0(a[:, 0], torch.tanh, lambda x: torch.cosh(x).reciprocal_().square_())
     return _riccati(a, v0, g0, 0.0)
 
 
@@ -823,7 +823,7 @@ def sigmoid(a: torch.Tensor) -> torch.Tensor:
     """sigmoid(a) = 1/(1+exp(-a)): sigmoid' = s - s^2."""
     _check_series(a, "sigmoid")
     # g0 = s(1 - s) = s(x) s(-x), without cancellation
-    s0, g0 = _apply0(a[:, 0], torch.sigmoid, lambda x: torch.sigmoid(x).mul_(torch.sigmoid(-x)))
+    s0, g0 = apply0(a[:, 0], torch.sigmoid, lambda x: torch.sigmoid(x).mul_(torch.sigmoid(-x)))
     return _riccati(a, s0, g0, 1.0)
 
 
@@ -837,7 +837,7 @@ def softplus(a: torch.Tensor) -> torch.Tensor:
     """softplus(a) = log(1 + exp(a)): softplus' = sigmoid."""
     _check_series(a, "softplus")
     K = a.shape[1]
-    (f0,) = _apply0(a[:, 0], _softplus0)
+    (f0,) = apply0(a[:, 0], _softplus0)
     if K == 1:
         return _new_like0(a, f0)
     return compose(a, f0, sigmoid(a[:, : K - 1]))

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from ..optim import Adam, linear_decay
-from ..run import Task
+from ..training.optim import Adam, linear_decay
+from ..training import Task
 from .microgpt import (
     QUERY_HELP,
     SELECT_HELP,

@@ -79,7 +79,7 @@ def gauss_init(cfg: MicroGPTConfig, rng: random.Random) -> dict[str, Tensor]:
     return params
 
 
-def _rmsnorm(x: Tensor) -> Tensor:
+def rmsnorm(x: Tensor) -> Tensor:
     return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + 1e-5)
 
 
@@ -104,7 +104,7 @@ class _Block(nn.Module):
         H, hd = self.n_head, self.head_dim
         # attention
         res = x
-        x = _rmsnorm(x)
+        x = rmsnorm(x)
         q = F.linear(x, self.attn_wq) * self.scale
         k = F.linear(x, self.attn_wk)
         v = F.linear(x, self.attn_wv)
@@ -118,7 +118,7 @@ class _Block(nn.Module):
         x = F.linear(y, self.attn_wo) + res
         # MLP
         res = x
-        x = _rmsnorm(x)
+        x = rmsnorm(x)
         x = F.linear(F.gelu(F.linear(x, self.mlp_fc1), approximate="none"), self.mlp_fc2) + res
         return x
 
@@ -144,7 +144,7 @@ class MicroGPT(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:
         B, T = tokens.shape
         x = F.embedding(tokens, self.wte) + self.wpe[:T]
-        x = _rmsnorm(x)
+        x = rmsnorm(x)
         future = self.future[:T, :T]
         for li in range(self.cfg.n_layer):
             x = getattr(self, f"layer{li}")(x, future)

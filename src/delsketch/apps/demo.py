@@ -19,10 +19,10 @@ DEMO_QUERIES = ["liz", "zoe", "suzanne", "ezra", "anna"]
 
 def run_demo(out_dir, directions=64, degree=3, json_out=False, console=None, err=None, progress_factory=None,
              preset_kwargs=None):
-    from .presets import get_preset
+    from ..tasks import get_preset
     from .report import plot_predicted_vs_actual, plot_stability
-    from .run import deletion_weights, train
-    from .sketch import evaluate, exact_series, precompute
+    from ..training import deletion_weights, train
+    from ..sketch import evaluate, exact_series, precompute
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -11,13 +11,14 @@ See each module's docstring for its overrides, queries and predicates.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from typing import Callable
 
-from ..run import Task
+from ..training import Task
 
-__all__ = ["PRESETS", "get_preset", "preset_overrides", "build_from_spec"]
+__all__ = ["PRESETS", "get_preset", "preset_overrides", "build_from_spec", "factory"]
 
 PRESETS: tuple[str, ...] = ("paper", "names", "digits")
 
@@ -69,9 +70,14 @@ def build_from_spec(spec: dict) -> Task:
     """The task a sketch's ``task_spec`` records: ``{"preset", "data", "steps", "preset_steps", **overrides}``
     (``steps`` keeps the first N steps of the schedule, as the CLI's ``--steps``; ``preset_steps`` is the
     builder's own ``steps``, which sets the length of the run and of its schedules)."""
-    from ..run import first_steps
+    from ..training import first_steps
 
     spec = dict(spec)
     name = spec.pop("preset")
     data, steps, preset_steps = spec.pop("data", None), spec.pop("steps", None), spec.pop("preset_steps", None)
     return first_steps(get_preset(name)(data=data, steps=preset_steps, **spec), steps)
+
+
+def factory(spec: dict) -> Callable[[], Task]:
+    """A picklable zero-argument callable that rebuilds the task of ``spec`` (what worker processes call)."""
+    return functools.partial(build_from_spec, dict(spec))

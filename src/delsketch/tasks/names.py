@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from ..optim import Adam, linear_decay
-from ..run import Task
+from ..training.optim import Adam, linear_decay
+from ..training import Task
 from .microgpt import QUERY_HELP, SELECT_HELP, MicroGPT, MicroGPTConfig, TextCorpus, gauss_init
 
 __all__ = ["build", "census_names"]

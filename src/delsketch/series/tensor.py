@@ -3,7 +3,7 @@
 A ``Series`` looks like a float64 tensor of some logical shape to PyTorch (autograd, ``nn.Module``,
 optimizers) but holds, per element, the K coefficients of a truncated power series in z for m
 directions at once: an inner complex tensor of shape ``[m, K, *shape]``. Every aten op that reaches
-``__torch_dispatch__`` is mapped to a rule in this module; the arithmetic lives in ``delsketch.ring``.
+``__torch_dispatch__`` is mapped to a rule in this module; the arithmetic lives in ``delsketch.series.kernels``.
 
 Facts the design rests on (see docs/architecture.md):
 
@@ -21,15 +21,14 @@ import contextlib
 import math
 import threading
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 from torch._decomp import get_decompositions
-from torch.utils._pytree import tree_map
 
-from . import ring
-from .ring import SeriesDomainError
+from . import kernels as ring
+from .kernels import SeriesDomainError
 
 aten = torch.ops.aten
 
@@ -170,7 +169,7 @@ class Series(torch.Tensor):
                 return decomp(*args, **kwargs)
             raise UnsupportedOpError(
                 f"delsketch: no series rule for aten op {func}{_where()}; "
-                "rewrite that part of the model with supported ops or add a rule in delsketch.taylor"
+                "rewrite that part of the model with supported ops or register a rule with delsketch.series.tensor.rule"
             )
         try:
             out = rule(*args, **kwargs)

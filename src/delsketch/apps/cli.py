@@ -39,7 +39,7 @@ class CliError(Exception):
 
 def build_task(preset: str, data: Optional[str], steps: Optional[int]):
     """The preset's task; ``steps`` keeps only the first N steps of its schedule (lr schedule unchanged)."""
-    from .presets import build_from_spec
+    from ..tasks import build_from_spec
 
     if data is not None and not Path(data).exists():
         raise CliError(f"data file not found: {data}")
@@ -162,7 +162,8 @@ query_option = click.option("--query", "query", multiple=True, help="output to e
 @json_option
 def sketch(preset, data, steps, directions, degree, out_dir, seed, chunk, workers, json_out):
     """Precompute a deletion sketch: m ring training runs at degree k."""
-    from .sketch import precompute
+    from ..sketch import precompute
+    from ..tasks import factory
 
     if workers < 0:
         raise CliError("--workers must be 0 (one per core) or more")
@@ -174,8 +175,9 @@ def sketch(preset, data, steps, directions, degree, out_dir, seed, chunk, worker
         def cb(done, total):
             bar.update(tid, completed=done, total=total)
 
+        spec = task_spec(preset, data, steps)
         sk = precompute(task, out_dir, directions, degree, seed=seed, chunk=chunk, steps=None,
-                        progress=cb, task_spec=task_spec(preset, data, steps), workers=workers or (os.cpu_count() or 1))
+                        progress=cb, task_spec=spec, task_factory=factory(spec), workers=workers or (os.cpu_count() or 1))
     wall = time.perf_counter() - t0
     info = {"out": str(out_dir), "directions": sk.m, "degree": sk.degree, "n": sk.n, "steps": sk.manifest["steps"],
             "seconds": round(wall, 3)}
@@ -187,16 +189,16 @@ def sketch(preset, data, steps, directions, degree, out_dir, seed, chunk, worker
 
 
 def load_sketch(path: str):
-    from .sketch import Sketch, SketchError, _read_manifest
+    from ..sketch import Sketch, SketchError, read_manifest
 
     p = Path(path)
     if not p.is_dir():
         raise CliError(f"sketch directory not found: {path}")
-    man = _read_manifest(p)
+    man = read_manifest(p)
     spec = man.get("task_spec") or {}
     if "preset" not in spec:
         raise SketchError(f"{path}: sketch was built from Python (no preset recorded); load it with the Python API")
-    from .presets import build_from_spec
+    from ..tasks import build_from_spec
 
     if spec.get("data") is not None and not Path(spec["data"]).exists():
         raise CliError(f"data file not found: {spec['data']} (the sketch was built from it)")
@@ -266,8 +268,8 @@ def predict(sketch_dir, delete, weight, query, delta, degree, control, by_degree
 @json_option
 def retrain(preset, data, steps, delete, weight, query, json_out):
     """Ground truth: retrain for real with the deletion applied and evaluate the outputs."""
-    from .run import deletion_weights, train
-    from .sketch import evaluate
+    from ..training import deletion_weights, train
+    from ..sketch import evaluate
 
     task = build_task(preset, data, steps)
     idx = parse_spec(delete, task)
@@ -302,7 +304,7 @@ def retrain(preset, data, steps, delete, weight, query, json_out):
 @json_option
 def series(preset, data, steps, delete, degree, weight, query, json_out):
     """Exact Taylor series of t -> output(t W 1_D) from one ring run (no sketch variance)."""
-    from .sketch import exact_series
+    from ..sketch import exact_series
 
     if not 1 <= degree <= 100:
         raise CliError("--degree must lie in [1, 100]")
@@ -335,7 +337,7 @@ def influence(preset, data, steps, query, top, json_out):
     """Exact first-order effect of deleting each training example on each output (reverse mode through the run)."""
     import torch
 
-    from .sketch import first_order
+    from ..sketch import first_order
 
     if top < 1:
         raise CliError("--top must be at least 1")
@@ -492,9 +494,9 @@ def reproduce(figure, data, out_dir, directions, degree, steps, workers, json_ou
 
 
 def main(argv: Optional[list] = None) -> int:
-    from .sketch import SketchError
-    from .taylor import SeriesDomainError, UnsupportedOpError
-    from .run import NonFiniteError
+    from ..sketch import SketchError
+    from ..series import SeriesDomainError, UnsupportedOpError
+    from ..training import NonFiniteError
 
     torch_threads()
     try:

@@ -1,0 +1,79 @@
+"""Files written so that nothing is lost: atomic writes (a temporary file in the same directory, fsync,
+rename), permissions that follow the umask, checksums, and the version stamp every output carries."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Callable, Union
+
+import numpy as np
+import torch
+
+from .version import __version__
+
+__all__ = ["sha256_file", "atomic_write", "atomic_write_bytes", "atomic_save_tensors", "write_json", "versions", "umask"]
+
+PathLike = Union[str, Path]
+
+
+def umask() -> int:
+    """The process umask (read without changing it for longer than one call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def sha256_file(path: PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write(path: PathLike, write: Callable[[str], None], suffix: str = ".tmp") -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    The file gets the permissions a plain ``open(path, "w")`` would (0666 less the umask), is fsynced before
+    the rename, and a failure (or an interrupt) leaves ``path`` as it was and no temporary file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def atomic_save_tensors(path: PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A safetensors file with one metadata key ``delsketch`` (sorted JSON): safetensors orders several
+    metadata keys nondeterministically, which would break byte identity."""
+    from safetensors.torch import save_file
+
+    meta = {"delsketch": json.dumps(metadata, sort_keys=True)}
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, tmp, metadata=meta))
+
+
+def write_json(path: PathLike, obj, sort_keys: bool = True) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=sort_keys) + "\n").encode())
+
+
+def versions() -> dict:
+    return {"delsketch": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}

@@ -1,0 +1,22 @@
+"""Truncated power series: the kernels (``kernels``, pure functions on ``[m, K, *shape]`` complex stacks) and
+the ``Series`` tensor that carries them through ordinary PyTorch code (``tensor``). Imports nothing else of
+delsketch."""
+
+from . import kernels
+from .kernels import SeriesDomainError
+from .tensor import (
+    NonAnalyticWarning,
+    Series,
+    UnsupportedOpError,
+    all_finite,
+    coefficients,
+    is_series,
+    lift,
+    module_context,
+    variable,
+)
+
+__all__ = [
+    "kernels", "Series", "SeriesDomainError", "UnsupportedOpError", "NonAnalyticWarning", "all_finite",
+    "coefficients", "is_series", "lift", "module_context", "variable",
+]
