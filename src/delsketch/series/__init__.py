@@ -3,6 +3,7 @@ the ``Series`` tensor that carries them through ordinary PyTorch code (``tensor`
 delsketch."""
 
 from . import kernels
+from .registry import KINDS, register_rule, registered, use_torch_decomposition
 from .kernels import SeriesDomainError
 from .tensor import (
     NonAnalyticWarning,
@@ -15,8 +16,10 @@ from .tensor import (
     module_context,
     variable,
 )
+from .check import check_rule
 
 __all__ = [
     "kernels", "Series", "SeriesDomainError", "UnsupportedOpError", "NonAnalyticWarning", "all_finite",
     "coefficients", "is_series", "lift", "module_context", "variable",
+    "register_rule", "use_torch_decomposition", "registered", "KINDS", "check_rule",
 ]

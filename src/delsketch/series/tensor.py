@@ -25,10 +25,9 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-from torch._decomp import get_decompositions
-
 from . import kernels as ring
 from .kernels import SeriesDomainError
+from .registry import implementer, lookup, register_rule, use_torch_decomposition
 
 aten = torch.ops.aten
 
@@ -160,19 +159,14 @@ class Series(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        rule = _RULES.get(func)
+        rule = lookup(func)
         if rule is None:
-            rule = _RULES.get(func.overloadpacket)
-        if rule is None:
-            decomp = _DECOMP.get(func)
-            if decomp is not None:
-                return decomp(*args, **kwargs)
             raise UnsupportedOpError(
-                f"delsketch: no series rule for aten op {func}{_where()}; "
-                "rewrite that part of the model with supported ops or register a rule with delsketch.series.tensor.rule"
+                f"delsketch: no series rule for aten op {func}{_where()}; rewrite that part of the model with "
+                "supported ops or add a rule with delsketch.series.register_rule (docs/your-own-model.md)"
             )
         try:
-            out = rule(*args, **kwargs)
+            out = rule.impl(*args, **kwargs)
         except (UnsupportedOpError, SeriesDomainError) as e:
             msg = str(e)
             if "aten" not in msg:
@@ -243,16 +237,33 @@ def coefficients(x: torch.Tensor) -> torch.Tensor:
 # rule helpers
 # ----------------------------------------------------------------------------------------------
 
-_RULES: dict[Any, Callable] = {}
+rule = register_rule  # the built-in rules below use the same registry as users
 
 
-def rule(*ops):
-    def deco(fn):
-        for op in ops:
-            _RULES[op] = fn
-        return fn
+@implementer("series")
+def _series_impl(op, fn):
+    return fn
 
-    return deco
+
+@implementer("kernel")
+def _kernel_impl(op, kernel):
+    def r(x):
+        return _wrap(kernel(x._c))
+
+    return r
+
+
+@implementer("inplace")
+def _inplace_impl(op, out_of_place):
+    def r(self, *args, **kwargs):
+        return _assign(self, out_of_place(self, *args, **kwargs))
+
+    return r
+
+
+@implementer("decomposition")
+def _decomposition_impl(op, fn):
+    return fn
 
 
 def _K_of(*xs) -> int:
@@ -480,8 +491,8 @@ def _tri_rule(fn):
     return r
 
 
-_RULES[aten.tril.default] = _tri_rule(torch.tril)
-_RULES[aten.triu.default] = _tri_rule(torch.triu)
+register_rule(aten.tril.default)(_tri_rule(torch.tril))
+register_rule(aten.triu.default)(_tri_rule(torch.triu))
 
 
 @rule(aten.unbind.int)
@@ -739,9 +750,9 @@ def _avg_pool_rule(nd_spatial):
     return r
 
 
-_RULES[aten.avg_pool1d.default] = _avg_pool_rule(1)
-_RULES[aten.avg_pool2d.default] = _avg_pool_rule(2)
-_RULES[aten.avg_pool3d.default] = _avg_pool_rule(3)
+register_rule(aten.avg_pool1d.default)(_avg_pool_rule(1))
+register_rule(aten.avg_pool2d.default)(_avg_pool_rule(2))
+register_rule(aten.avg_pool3d.default)(_avg_pool_rule(3))
 
 
 def _avg_pool_bwd_rule(op, nd_spatial):
@@ -760,8 +771,8 @@ def _avg_pool_bwd_rule(op, nd_spatial):
     return r
 
 
-_RULES[aten.avg_pool2d_backward.default] = _avg_pool_bwd_rule(aten.avg_pool2d_backward.default, 2)
-_RULES[aten.avg_pool3d_backward.default] = _avg_pool_bwd_rule(aten.avg_pool3d_backward.default, 3)
+register_rule(aten.avg_pool2d_backward.default)(_avg_pool_bwd_rule(aten.avg_pool2d_backward.default, 2))
+register_rule(aten.avg_pool3d_backward.default)(_avg_pool_bwd_rule(aten.avg_pool3d_backward.default, 3))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1023,13 +1034,6 @@ def _convolution_backward(
 # -- nonlinear elementwise ---------------------------------------------------------------------
 
 
-def _unary(kernel):
-    def r(x):
-        return _wrap(kernel(x._c))
-
-    return r
-
-
 for _op, _k in [
     (aten.exp.default, ring.exp),
     (aten.log.default, ring.log),
@@ -1040,7 +1044,7 @@ for _op, _k in [
     (aten.sigmoid.default, ring.sigmoid),
     (aten.silu.default, ring.silu),
 ]:
-    _RULES[_op] = _unary(_k)
+    register_rule(_op, kind="kernel")(_k)
 
 
 @rule(aten.gelu.default)
@@ -1061,6 +1065,35 @@ def _softplus(x, beta=1, threshold=20):
     if bool(above.any()):
         sp = torch.where(above, c, sp)
     return _wrap(sp)
+
+
+def _degree0(x):
+    """The real degree-0 value of a Series (max over directions) or a plain tensor: a constant for shifts."""
+    if isinstance(x, Series):
+        return x._c[:, 0].real.amax(0)
+    return torch.as_tensor(x, dtype=torch.float64)
+
+
+def _finite_or_zero(c: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(c), c, torch.zeros((), dtype=c.dtype))
+
+
+@rule(aten.logaddexp.default)
+def _logaddexp(a, b):
+    # log(e^a + e^b) = c + log(e^(a-c) + e^(b-c)) with c the larger degree-0 value (a constant)
+    c = _finite_or_zero(torch.maximum(_degree0(a), _degree0(b)))
+    return torch.log(torch.exp(a - c) + torch.exp(b - c)) + c
+
+
+@rule(aten.logsumexp.default)
+def _logsumexp(x, dim, keepdim=False):
+    # the same shift by the degree-0 max along dim (torch's decomposition takes abs() of the max, which warns)
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    if not dims:
+        dims = list(range(x.dim()))
+    c = _finite_or_zero(_degree0(x).amax(dim=dims, keepdim=True))
+    out = torch.log(torch.exp(x - c).sum(dim=dims, keepdim=True)) + c
+    return out if keepdim else out.squeeze(dims)
 
 
 @rule(aten.log1p.default)
@@ -1181,7 +1214,7 @@ def _cmp(op):
 
 for _name in ["gt", "lt", "ge", "le", "eq", "ne"]:
     for _ov in ["Tensor", "Scalar"]:
-        _RULES[getattr(getattr(aten, _name), _ov)] = _cmp(getattr(torch, _name))
+        register_rule(getattr(getattr(aten, _name), _ov))(_cmp(getattr(torch, _name)))
 
 
 @rule(aten.isfinite.default)
@@ -1200,6 +1233,20 @@ def _isinf(x):
     return torch.isinf(x._c).any(1).any(0)
 
 
+def _minmax_rule(larger: bool):
+    def r(a, b):
+        _warn_once("maximum" if larger else "minimum")
+        a0 = a._c[0, 0].real if isinstance(a, Series) else torch.as_tensor(a, dtype=torch.float64)
+        b0 = b._c[0, 0].real if isinstance(b, Series) else torch.as_tensor(b, dtype=torch.float64)
+        return _where_rule(a0 >= b0 if larger else a0 <= b0, a, b)
+
+    return r
+
+
+register_rule(aten.maximum.default)(_minmax_rule(True))
+register_rule(aten.minimum.default)(_minmax_rule(False))
+
+
 @rule(aten.where.self)
 def _where_rule(cond, a, b):
     if isinstance(cond, Series):
@@ -1210,9 +1257,9 @@ def _where_rule(cond, a, b):
     return _wrap(torch.where(cond, ac, bc))
 
 
-_RULES[aten.where.ScalarOther] = _where_rule
-_RULES[aten.where.ScalarSelf] = _where_rule
-_RULES[aten.where.Scalar] = _where_rule
+register_rule(aten.where.ScalarOther)(_where_rule)
+register_rule(aten.where.ScalarSelf)(_where_rule)
+register_rule(aten.where.Scalar)(_where_rule)
 
 
 @rule(aten.masked_fill.Scalar, aten.masked_fill.Tensor)
@@ -1254,8 +1301,8 @@ def _amax_rule(largest):
     return r
 
 
-_RULES[aten.amax.default] = _amax_rule(True)
-_RULES[aten.amin.default] = _amax_rule(False)
+register_rule(aten.amax.default)(_amax_rule(True))
+register_rule(aten.amin.default)(_amax_rule(False))
 
 
 @rule(aten.max.dim)
@@ -1396,60 +1443,86 @@ def _fill_(self, value):
     return self
 
 
-def _inplace_rule(op_name):
-    def r(self, *args, **kwargs):
-        packet = getattr(aten, op_name)
-        # find the out-of-place overload with the same overload name
-        return _assign(self, packet(self, *args, **kwargs))
-
-    return r
-
-
 for _name in ["add_", "sub_", "mul_", "div_", "lerp_", "addcmul_", "addcdiv_", "clamp_", "masked_fill_",
               "exp_", "sqrt_", "neg_", "pow_", "relu_", "tanh_", "sigmoid_", "index_put_", "addmm_", "baddbmm_",
-              "index_add_", "scatter_add_", "scatter_"]:
-    _RULES[getattr(aten, _name)] = _inplace_rule(_name[:-1])
+              "index_add_", "scatter_add_", "scatter_", "clamp_min_", "clamp_max_"]:
+    register_rule(getattr(aten, _name), kind="inplace")(getattr(aten, _name[:-1]))
 
 
 # ----------------------------------------------------------------------------------------------
 # curated decompositions: composite ops lowered to the rules above
 # ----------------------------------------------------------------------------------------------
 
-_DECOMP = get_decompositions(
-    [
-        aten._softmax,
-        aten._log_softmax,
-        aten._softmax_backward_data,
-        aten._log_softmax_backward_data,
-        aten.nll_loss_forward,
-        aten.nll_loss_backward,
-        aten.nll_loss2d_forward,
-        aten.gelu_backward,
-        aten.silu_backward,
-        aten.tanh_backward,
-        aten.sigmoid_backward,
-        aten.softplus_backward,
-        aten.native_layer_norm,
-        aten.native_layer_norm_backward,
-        aten._fused_rms_norm,
-        aten._fused_rms_norm_backward,
-        aten.mse_loss,
-        aten.mse_loss_backward,
-        aten.logsumexp,
-        aten.linalg_vector_norm,
-        aten.addcmul,
-        aten.addcdiv,
-        aten.lerp,
-        aten.log_sigmoid_forward,
-        aten.xlogy,
-        aten.glu,
-        aten._adaptive_avg_pool2d,
-        aten.binary_cross_entropy,
-        aten._scaled_dot_product_flash_attention_for_cpu,
-        aten.elu,
-        aten.mish,
-        aten.smooth_l1_loss,
-        aten.huber_loss,
-        aten.native_group_norm,
-    ]
+use_torch_decomposition(
+    aten._softmax,
+    aten._log_softmax,
+    aten._softmax_backward_data,
+    aten._log_softmax_backward_data,
+    aten.nll_loss_forward,
+    aten.nll_loss_backward,
+    aten.nll_loss2d_forward,
+    aten.gelu_backward,
+    aten.silu_backward,
+    aten.tanh_backward,
+    aten.sigmoid_backward,
+    aten.softplus_backward,
+    aten.native_layer_norm,
+    aten.native_layer_norm_backward,
+    aten._fused_rms_norm,
+    aten._fused_rms_norm_backward,
+    aten.mse_loss,
+    aten.mse_loss_backward,
+    aten.linalg_vector_norm,
+    aten.addcmul,
+    aten.addcdiv,
+    aten.lerp,
+    aten.log_sigmoid_forward,
+    aten.xlogy,
+    aten.glu,
+    aten._adaptive_avg_pool2d,
+    aten.binary_cross_entropy,
+    aten._scaled_dot_product_flash_attention_for_cpu,
+    aten.elu,
+    aten.mish,
+    aten.smooth_l1_loss,
+    aten.huber_loss,
+    aten.native_group_norm,
+    aten.native_group_norm_backward,
+    aten.binary_cross_entropy_with_logits,
+    aten.binary_cross_entropy_backward,
+    aten.soft_margin_loss,
+    aten.soft_margin_loss_backward,
+    aten.multi_margin_loss,
+    aten.smooth_l1_loss_backward,
+    aten.huber_loss_backward,
+    aten.elu_backward,
+    aten.mish_backward,
+    aten.celu,
+    aten.leaky_relu,
+    aten.leaky_relu_backward,
+    aten.native_batch_norm,
+    aten.native_batch_norm_backward,
+    aten._native_batch_norm_legit,
+    aten._native_batch_norm_legit_no_training,
+    aten._native_batch_norm_legit_functional,
+    aten._scaled_dot_product_attention_math,
+    aten.log_sigmoid_backward,
 )
+
+
+@rule(aten.flatten.using_ints)
+def _flatten(x, start_dim=0, end_dim=-1):
+    nd = max(x.dim(), 1)
+    s, e = start_dim % nd, end_dim % nd
+    shape = list(x.shape) or [1]
+    return torch.reshape(x, shape[:s] + [math.prod(shape[s:e + 1])] + shape[e + 1:])
+
+
+@rule(aten.atleast_2d.default)
+def _atleast_2d(x):
+    return x if x.dim() >= 2 else torch.reshape(x, (1,) * (2 - x.dim()) + tuple(x.shape))
+
+
+@rule(aten.log_sigmoid.default)
+def _log_sigmoid(x):
+    return -torch.nn.functional.softplus(-x)

@@ -69,6 +69,7 @@ def manifest(task: Task, cfg: SketchConfig, chunks: dict, base_sha: Optional[str
         "task": task.describe(),
         "task_spec": task_spec,
         "fingerprint": task.fingerprint(),
+        "fingerprints": task.fingerprints(),
         "n": task.n,
         "steps": cfg.steps if cfg.steps is not None else task.steps,
         "config": asdict(cfg),
@@ -112,8 +113,12 @@ class Sketch:
         man = read_manifest(path)
         fp = task.fingerprint()
         if man.get("fingerprint") != fp:
+            stored, parts = man.get("fingerprints") or {}, task.fingerprints()
+            differ = [k for k in ("data", "model", "loss", "recipe") if k in stored and stored[k] != parts.get(k)]
+            which = f": the {', '.join(differ)} differ{'s' if len(differ) == 1 else ''}" if differ else ""
             raise SketchError(
-                f"{path}: sketch was built for other data or another config (fingerprint {str(man.get('fingerprint'))[:12]} != {fp[:12]})"
+                f"{path}: sketch was built for other data or another config{which} (fingerprint "
+                f"{str(man.get('fingerprint'))[:12]} != {fp[:12]})"
             )
         if not man.get("chunks"):
             raise SketchError(f"{path}: sketch has no completed chunks; run the precompute again to resume")

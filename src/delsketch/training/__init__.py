@@ -3,9 +3,10 @@ on power series, and functional optimizers whose update runs on both."""
 
 from .loop import batch_loss, deletion_weights, retrain, train
 from .optim import SGD, Adam, AdamW, Optimizer, constant, cosine, differentiable, linear_decay, warmup
+from .from_module import FromModuleWarning, batches, from_module
 from .task import NORMALIZATIONS, NonFiniteError, Task, first_steps
 
 __all__ = [
-    "Task", "NonFiniteError", "NORMALIZATIONS", "first_steps", "train", "retrain", "deletion_weights", "batch_loss",
+    "Task", "from_module", "FromModuleWarning", "batches", "NonFiniteError", "NORMALIZATIONS", "first_steps", "train", "retrain", "deletion_weights", "batch_loss",
     "SGD", "Adam", "AdamW", "Optimizer", "constant", "cosine", "linear_decay", "warmup", "differentiable",
 ]

@@ -218,12 +218,16 @@ def differentiable(opt: Optimizer):
 class SGD(Optimizer):
     """Stochastic gradient descent with optional (heavy-ball or Nesterov) momentum.
 
-    Matches ``torch.optim.SGD`` with ``dampening=0``::
+    Matches ``torch.optim.SGD`` (``maximize=False``)::
 
         g   = grad + weight_decay * p
-        buf = momentum * buf + g               (buf starts at 0, so buf_0 = g_0)
+        buf = g                                              at step 0
+        buf = momentum * buf + (1 - dampening) * g           afterwards
         d   = g + momentum * buf  if nesterov else  buf   (d = g when momentum == 0)
         p   = p - lr_t * d
+
+    (torch applies no dampening at the first step; with ``dampening=0`` the zero-initialized buffer gives the
+    same ``buf_0 = g_0``.)
 
     The update is a polynomial in the gradients: it is analytic everywhere, the most benign
     choice for ring runs.
@@ -236,11 +240,13 @@ class SGD(Optimizer):
         weight_decay: float = 0.0,
         nesterov: bool = False,
         schedule: Schedule | None = None,
+        dampening: float = 0.0,
     ):
         if lr < 0:
             raise ValueError(f"SGD: lr must be >= 0, got {lr}")
-        if nesterov and momentum <= 0:
-            raise ValueError("SGD: nesterov momentum requires momentum > 0")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("SGD: nesterov momentum requires momentum > 0 and dampening 0")
+        self.dampening = float(dampening)
         self.lr = float(lr)
         self.momentum = float(momentum)
         self.weight_decay = float(weight_decay)
@@ -263,7 +269,12 @@ class SGD(Optimizer):
                 if self.weight_decay != 0.0:
                     g = g + self.weight_decay * p
                 if self.momentum != 0.0:
-                    buf = self.momentum * state["momentum"][name] + g
+                    if self.dampening == 0.0:
+                        buf = self.momentum * state["momentum"][name] + g
+                    elif step == 0:
+                        buf = g
+                    else:
+                        buf = self.momentum * state["momentum"][name] + (1 - self.dampening) * g
                     new_buf[name] = buf
                     d = g + self.momentum * buf if self.nesterov else buf
                 else:
@@ -279,6 +290,7 @@ class SGD(Optimizer):
             "momentum": self.momentum,
             "weight_decay": self.weight_decay,
             "nesterov": self.nesterov,
+            **({"dampening": self.dampening} if self.dampening != 0.0 else {}),
             "schedule": self.schedule.describe(),
         }
 
@@ -416,7 +428,9 @@ class Adam(Optimizer):
         if self.eps_inside_sqrt:
             u0 = u0 + self.eps
         if bool((u0 == 0).any()):
-            raise ring.SeriesDomainError("adam: degree-0 coefficient of the second moment is zero")
+            raise ring.SeriesDomainError(
+                "adam: degree-0 coefficient of the second moment is zero (a gradient exactly 0 so far): standard "
+                "Adam's sqrt is not analytic there; use delsketch.Adam/AdamW(..., eps_inside_sqrt=True)")
         d = torch.empty(gc.shape, dtype=gc.dtype)
         (d0,) = ring.apply0(u0, torch.rsqrt if self.eps_inside_sqrt else torch.sqrt, positive=True)
         d[:, 0] = d0

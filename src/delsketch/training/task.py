@@ -61,6 +61,11 @@ class Task:
     query_help / select_help: one-line syntax summaries (for the CLI).
     default_queries: a few sensible queries for this task.
     model: the ``nn.Module`` behind ``example_losses`` (informational; may be ``None``).
+    forward: ``(params, inputs) -> model outputs`` (set by :meth:`from_module`; ``None`` for tasks that
+        only define ``example_losses``).
+    loss_fn: ``(outputs, targets) -> per-example losses [b]`` (set by :meth:`from_module`).
+    data: the training ``(inputs, targets)`` tensors in index order (set by :meth:`from_module`); part of
+        the fingerprint.
     """
 
     name: str
@@ -79,6 +84,16 @@ class Task:
     select_help: str = ""
     default_queries: list[str] = field(default_factory=list)
     model: Any = None
+    forward: Optional[Callable[[Params, Any], Any]] = None
+    loss_fn: Optional[Callable[[Any, Any], Tensor]] = None
+    data: Optional[tuple] = None
+
+    @classmethod
+    def from_module(cls, model, data, loss_fn, optimizer, **kwargs) -> "Task":
+        """The task of an ordinary PyTorch training loop; see :func:`delsketch.training.from_module.from_module`."""
+        from .from_module import from_module
+
+        return from_module(model, data, loss_fn, optimizer, **kwargs)
 
     def __post_init__(self) -> None:
         if self.normalization not in NORMALIZATIONS:
@@ -112,7 +127,8 @@ class Task:
         }
 
     def fingerprint(self) -> str:
-        """sha256 over the data (examples, schedule, initial parameters) and the config."""
+        """sha256 over the data (examples, schedule, initial parameters) and the config; for a task with data
+        tensors or a loss function (:meth:`from_module`) also over every part of :meth:`fingerprints`."""
         h = hashlib.sha256()
         h.update(json.dumps(self.describe(), sort_keys=True, default=str).encode())
         h.update(b"\0schedule\0")
@@ -124,8 +140,71 @@ class Task:
             t = p.detach().to(torch.float64).contiguous()
             h.update(name.encode() + b"\0" + json.dumps(list(t.shape)).encode())
             h.update(t.numpy().tobytes())
+        if self.data is not None or self.loss_fn is not None:
+            h.update(b"\0parts\0")
+            h.update(json.dumps(self.fingerprints(), sort_keys=True).encode())
         return h.hexdigest()
 
+    def fingerprints(self) -> dict[str, str]:
+        """sha256 of each part of the task, so a mismatch can say which part differs:
+
+        * ``data``: the training examples and the data tensors (bytes, shapes and dtypes, in index order);
+        * ``model``: the initial parameters, the model's other state (buffers, frozen parameters) and its repr;
+        * ``recipe``: the schedule, optimizer, normalization, sizes and config;
+        * ``loss``: the loss function (qualified name, source when available, settings of a loss module).
+        """
+        data = hashlib.sha256(json.dumps(self.examples, separators=(",", ":"), sort_keys=True, default=str).encode())
+        for t in self.data or ():
+            _hash_tensors(data, {"": t})
+        model = hashlib.sha256(repr(self.model).encode() if self.model is not None else b"")
+        _hash_tensors(model, self.init_params())
+        state_dict = getattr(self.model, "state_dict", None)
+        if callable(state_dict):
+            _hash_tensors(model, state_dict())
+        recipe = hashlib.sha256(json.dumps(
+            {k: v for k, v in self.describe().items() if k != "model"}, sort_keys=True, default=str).encode())
+        recipe.update(json.dumps(self.schedule, separators=(",", ":")).encode())
+        loss = hashlib.sha256(describe_callable(self.loss_fn).encode())
+        return {"data": data.hexdigest(), "model": model.hexdigest(), "recipe": recipe.hexdigest(),
+                "loss": loss.hexdigest()}
+
+
+def _hash_tensors(h, tensors: dict) -> None:
+    for name, t in tensors.items():
+        t = t.detach()
+        if t.is_floating_point():
+            t = t.to(torch.float64)
+        t = t.contiguous()
+        h.update(f"{name}\0{list(t.shape)}\0{t.dtype}\0".encode())
+        h.update(t.numpy().tobytes())
+
+
+def describe_callable(fn: Any) -> str:
+    """A stable text for a function (its qualified name and source when ``inspect`` finds it; a
+    ``functools.partial``'s arguments; an ``nn.Module`` loss's settings and state)."""
+    import functools
+    import inspect
+
+    if fn is None:
+        return "none"
+    if isinstance(fn, functools.partial):
+        return (f"partial({describe_callable(fn.func)}, args={fn.args!r}, "
+                f"keywords={json.dumps(fn.keywords, sort_keys=True, default=repr)})")
+    parts = [f"{getattr(fn, '__module__', None) or type(fn).__module__}."
+             f"{getattr(fn, '__qualname__', None) or type(fn).__qualname__}"]
+    if isinstance(fn, torch.nn.Module):
+        parts.append(repr(fn))
+        parts.append(json.dumps({k: v for k, v in vars(fn).items() if not k.startswith("_")}, sort_keys=True,
+                                default=repr))
+        h = hashlib.sha256()
+        _hash_tensors(h, fn.state_dict())
+        parts.append(h.hexdigest())
+        fn = type(fn)
+    try:
+        parts.append(inspect.getsource(fn))
+    except (OSError, TypeError):
+        pass
+    return "\n".join(parts)
 
 
 def first_steps(task: Task, steps: Optional[int]) -> Task:
