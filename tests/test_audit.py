@@ -153,3 +153,31 @@ def test_predicted_exposure_after_deletion_agrees_with_retraining(names):
         lo, hi = pred["interval"]
         assert lo <= actual["exposure"] <= hi and lo <= pred["exposure"] <= hi
     assert actual["exposure"] <= trained["exposure"]  # deleting copies does not raise exposure here
+
+
+TINY = ["--preset", "digits", "--set", "n_train=20", "--set", "hidden=6", "--set", "batch=5", "--set", "epochs=2"]
+
+
+def test_cli_memorization_and_errors(tmp_path, capsys):
+    import json
+
+    from delsketch.apps.cli import main
+
+    out = tmp_path / "m.json"
+    assert main(["audit", "memorization", *TINY, "--route", "loo", "--indices", "0:4", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    task = get_preset("digits")(n_train=20, hidden=6, batch=5, epochs=2)
+    assert r["scores"] == pytest.approx(memorization(task, route="loo", indices=range(4)).scores, abs=1e-14)
+    capsys.readouterr()
+    assert main(["audit", "memorization", *TINY, "--indices", "20"]) == 2
+    assert capsys.readouterr().err.strip() == "error: example index 20 out of range: the task has 20 training examples (0..19)"
+    assert main(["audit", "memorization", "--preset", "names", "--set", "n=10", "--metric", "margin"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "margin needs a classifier" in err and err.count("\n") == 1
+
+
+def test_cli_membership_writes_roc(tmp_path):
+    from delsketch.apps.cli import main
+
+    assert main(["audit", "membership", *TINY, "--models", "4", "--bootstrap", "5", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "roc.png").stat().st_size > 1000 and (tmp_path / "membership.json").exists()
