@@ -181,3 +181,12 @@ def test_cli_membership_writes_roc(tmp_path):
 
     assert main(["audit", "membership", *TINY, "--models", "4", "--bootstrap", "5", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "roc.png").stat().st_size > 1000 and (tmp_path / "membership.json").exists()
+
+
+def test_cli_report(tmp_path):
+    from delsketch.apps.cli import main
+
+    assert main(["audit", "report", *TINY, "--verify", "3", "--models", "4", "--repeats", "1,4", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "## Most memorized examples" in md and "## Membership inference" in md and "## Canaries" in md
+    assert all((tmp_path / f).stat().st_size > 1000 for f in ("memorization.png", "roc.png", "exposure.png"))

@@ -203,3 +203,67 @@ def membership_cmd(preset, data, steps, sets, models, bootstrap, seed, out_dir, 
                    f"  TPR@1%FPR {a['tpr_at_fpr']['0.01']:.3f}")
     click.echo(f"Spearman(counterfactual memorization, LiRA per-example score) = {r['spearman_counterfactual_vs_lira']:.3f}")
     click.echo(f"wrote {out / 'roc.png'} and {out / 'membership.json'}")
+
+
+@audit.command("report")
+@task_options
+@click.option("--route", type=click.Choice(["first_order", "subsampled", "loo"]), default="first_order", show_default=True,
+              help="memorization route for every example (a sketch route: use 'audit memorization --route sketch')")
+@click.option("--verify", type=int, default=10, show_default=True, help="leave-one-out retrains of the top K")
+@click.option("--models", type=int, default=16, show_default=True, help="shadow models for membership inference")
+@click.option("--repeats", default="1,2,4,8", show_default=True, help="canary copies")
+@click.option("--top", type=int, default=20, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "out_dir", default="delsketch-audit", show_default=True)
+def report_cmd(preset, data, steps, sets, route, verify, models, repeats, top, seed, out_dir):
+    """Run the audit and write report.md + PNGs + report.json: most memorized examples (verified by
+    leave-one-out retraining), the histogram, membership inference with its ROC, canary exposure."""
+    from ..audit import canary_audit, membership_audit, memorization
+    from .audit_plots import plot_exposure, plot_histogram, plot_roc
+
+    task = _task(preset, data, steps, sets)
+    reps = [int(x) for x in repeats.split(",")]
+    out = Path(out_dir)
+    mem = memorization(task, route=route, models=max(models, 2), seed=seed)
+    ranked = mem.ranking()
+    check = memorization(task, route="loo", indices=ranked[:verify]) if verify else None
+    mia = membership_audit(task, models=models, seed=seed)
+    can = canary_audit(task, repeats=reps, seed=seed)
+    plot_histogram(mem.scores, out / "memorization.png", f"{task.name}: {mem.route} self-influence ({mem.metric})")
+    plot_roc(mia["attacks"], out / "roc.png")
+    plot_exposure(can["canaries"], out / "exposure.png")
+    write_json(out / "report.json", {"memorization": mem.to_json(), "verification": check.to_json() if check else None,
+                                     "membership": mia, "canaries": can})
+    L = [f"# Memorization audit: {task.name} ({task.n} training examples, {task.steps} steps)", "",
+         "## Most memorized examples", "",
+         f"Route `{mem.route}`: {mem.definition}. {mem.orientation}. Error bar: {mem.error_bar}. Cost: {mem.cost}.", "",
+         "| rank | index | example | score | ± | leave-one-out (retrained) |", "|---|---|---|---|---|---|"]
+    loo = dict(zip(check.indices, check.scores)) if check else {}
+    for k, i in enumerate(ranked[:top]):
+        j = mem.indices.index(i)
+        L.append(f"| {k + 1} | {i} | {_example(task, i)} | {mem.scores[j]:+.4g} | {mem.stderr[j]:.2g} | "
+                 f"{format(loo[i], '+.4g') if i in loo else ''} |")
+    L += ["", "![histogram](memorization.png)", "", "## Membership inference", "",
+          f"{mia['definition']}; {mia['models']} models, each in turn the target of the others (leave-one-model-out), "
+          f"{mia['decisions']} decisions. 95 % bootstrap intervals.", "",
+          "| attack | AUC | TPR @ 0.1 % FPR | TPR @ 1 % FPR |", "|---|---|---|---|"]
+    for name, a in mia["attacks"].items():
+        ci = a["ci"]
+        L.append(f"| {name} | {a['auc']:.3f} [{ci['auc'][0]:.3f}, {ci['auc'][1]:.3f}] | "
+                 + " | ".join(f"{a['tpr_at_fpr'][f]:.3f} [{ci['tpr_at_fpr'][f][0]:.3f}, {ci['tpr_at_fpr'][f][1]:.3f}]"
+                              for f in ("0.001", "0.01")) + " |")
+    L += ["", f"Spearman between the counterfactual memorization of each example (same models) and LiRA's per-example "
+          f"score: {mia['spearman_counterfactual_vs_lira']:.3f}.", "", "![ROC](roc.png)", "", "## Canaries", "",
+          f"{can['definition']}. |R| = {can['space']}.", "",
+          "| secret | copies | exposure | deleted | predicted [interval] | retrained | agrees |", "|---|---|---|---|---|---|---|"]
+    for c in can["canaries"]:
+        for d in c["deletions"]:
+            p = d["predicted"]
+            L.append(f"| {c['secret']} | {c['copies']} | {c['trained']['exposure']:.3f} | {d['delete']} ({d['deleted']}) | "
+                     f"{p['exposure']:.3f} [{p['interval'][0]:.3f}, {p['interval'][1]:.3f}] | "
+                     f"{d['retrained']['exposure']:.3f} | {'yes' if d['within_error_bar'] else 'NO'} |")
+    L += ["", "![exposure](exposure.png)", ""]
+    from ..io import atomic_write_bytes
+
+    atomic_write_bytes(out / "report.md", "\n".join(L).encode())
+    click.echo(f"wrote {out / 'report.md'}")
