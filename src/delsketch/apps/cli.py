@@ -487,6 +487,8 @@ def reproduce(figure, data, out_dir, directions, degree, steps, workers, json_ou
     out.print(f"wrote {Path(out_dir) / (figure + '.png')} and {Path(out_dir) / (figure + '.json')} "
               f"in {res['timings']['total_s']:.1f} s (defaults are the paper's sizes: {PAPER[figure]})")
 
+from .cli_audit import audit as _audit; app.add_command(_audit)  # noqa: E402,E702 (the audit command group)
+
 
 # ----------------------------------------------------------------------------------------------
 # entry point with the exit-2 contract
