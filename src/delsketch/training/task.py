@@ -61,6 +61,12 @@ class Task:
     query_help / select_help: one-line syntax summaries (for the CLI).
     default_queries: a few sensible queries for this task.
     model: the ``nn.Module`` behind ``example_losses`` (informational; may be ``None``).
+    gradient: ``None`` (default: the step's gradient is that of the weighted batch loss, see
+        :func:`delsketch.training.loop.batch_loss`), or a gradient transform called by the loop as
+        ``gradient(params, example_losses, w, idx, step, create_graph=...) -> (loss, grads)`` that returns the
+        step's (detached, for reporting) batch loss and the gradients ``{name: tensor}`` handed to the optimizer
+        (e.g. DP-SGD, :func:`delsketch.privacy.make_private`). Such a task may have empty batches (the
+        transform handles them). Its ``describe()`` is part of the fingerprint when it has one.
     """
 
     name: str
@@ -79,6 +85,7 @@ class Task:
     select_help: str = ""
     default_queries: list[str] = field(default_factory=list)
     model: Any = None
+    gradient: Optional[Callable[..., tuple[Tensor, Params]]] = None
 
     def __post_init__(self) -> None:
         if self.normalization not in NORMALIZATIONS:
@@ -88,7 +95,7 @@ class Task:
         if self.n <= 0:
             raise ValueError(f"task {self.name!r}: n must be positive, got {self.n}")
         for s, batch in enumerate(self.schedule):
-            if len(batch) == 0:
+            if len(batch) == 0 and self.gradient is None:
                 raise ValueError(f"task {self.name!r}: step {s} has an empty batch")
             for i in batch:
                 if not 0 <= i < self.n:
@@ -109,6 +116,7 @@ class Task:
             "optimizer": self.optimizer.describe(),
             "model": repr(self.model) if self.model is not None else None,
             "config": self.config,
+            **({"gradient": _describe_gradient(self.gradient)} if self.gradient is not None else {}),
         }
 
     def fingerprint(self) -> str:
@@ -126,6 +134,10 @@ class Task:
             h.update(t.numpy().tobytes())
         return h.hexdigest()
 
+
+def _describe_gradient(g: Callable) -> Any:
+    describe = getattr(g, "describe", None)
+    return describe() if callable(describe) else repr(g)
 
 
 def first_steps(task: Task, steps: Optional[int]) -> Task:

@@ -1,0 +1,20 @@
+"""Differentially private training: DP-SGD as a gradient transform for any :class:`~delsketch.training.Task`
+(:func:`make_private`), accounting with Opacus's accountants (optional dependency ``delsketch[privacy]``), and
+a loss-threshold membership-inference check.
+
+A sketch of a DP run: the clip follows the branch of each example's degree-0 gradient norm;
+``diagnostics(task)`` (or ``task.gradient.diagnostics()``, a duck-typed method the sketch layer may read
+without importing this package) counts example-steps within ``boundary_margin`` of the clipping bound after a
+run, and :func:`fold_stability` folds that count into a stability report's verdict."""
+
+from .accounting import ACCOUNTANTS, PrivacyError, epsilon, noise_multiplier_for
+from .config import DP
+from .dpsgd import DPGradient, PerExampleGradientError, step_noise
+from .mia import fold_stability, loss_threshold_mia
+from .private import FIXED_SCHEDULE_CAVEAT, diagnostics, make_private, poisson_schedule, privacy_of
+
+__all__ = [
+    "DP", "make_private", "privacy_of", "diagnostics", "poisson_schedule", "epsilon", "noise_multiplier_for",
+    "ACCOUNTANTS", "PrivacyError", "PerExampleGradientError", "DPGradient", "step_noise", "FIXED_SCHEDULE_CAVEAT",
+    "loss_threshold_mia", "fold_stability",
+]
