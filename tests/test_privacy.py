@@ -322,3 +322,24 @@ def test_loss_threshold_mia_against_pair_counting():
     assert r["tpr_at_fpr"]["0.001"] <= r["tpr_at_fpr"]["0.01"] <= r["tpr_at_fpr"]["0.1"]
     with pytest.raises(ValueError):
         loss_threshold_mia([], non)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def test_cli_train_reports_epsilon_and_accuracy(capsys):
+    import json
+
+    from delsketch.apps.cli import main
+
+    assert main(["train", "--preset", "digits", "--steps", "20", "--dp-epsilon", "3", "--dp-delta", "1e-5",
+                 "--accountant", "rdp", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["private"] and r["steps"] == 20 and r["sampling"] == "poisson"
+    assert r["sample_rate"] == pytest.approx((19 * 32 + 20) / 20 / 500)  # the first 20 batches: mean size / n
+    assert r["epsilon"] <= 3 and r["epsilon"] == pytest.approx(epsilon(r["noise_multiplier"], r["sample_rate"], 20, 1e-5, "rdp"))
+    assert 0 <= r["test_accuracy"] <= 1 and 0 <= r["shifted_test_accuracy"] <= 1
+    for bad in (["--dp-epsilon", "0", "--dp-delta", "1e-5"], ["--dp-epsilon", "3", "--dp-delta", "0.002"],
+                ["--dp-delta", "1e-5"], ["--dp-epsilon", "3"], ["--dp-epsilon", "3", "--dp-delta", "1e-5", "--dp-clip", "-1"]):
+        assert main(["train", "--preset", "digits", "--steps", "2", *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, (bad, err)

@@ -488,6 +488,9 @@ def reproduce(figure, data, out_dir, directions, degree, steps, workers, json_ou
               f"in {res['timings']['total_s']:.1f} s (defaults are the paper's sizes: {PAPER[figure]})")
 
 
+from .cli_privacy import train_command; app.add_command(train_command)  # noqa: E402,E702  (delsketch train)
+
+
 # ----------------------------------------------------------------------------------------------
 # entry point with the exit-2 contract
 # ----------------------------------------------------------------------------------------------

@@ -10,11 +10,12 @@ run, and :func:`fold_stability` folds that count into a stability report's verdi
 from .accounting import ACCOUNTANTS, PrivacyError, epsilon, noise_multiplier_for
 from .config import DP
 from .dpsgd import DPGradient, PerExampleGradientError, step_noise
+from .evaluate import accuracy, digits_test_data, losses, shifted
 from .mia import fold_stability, loss_threshold_mia
 from .private import FIXED_SCHEDULE_CAVEAT, diagnostics, make_private, poisson_schedule, privacy_of
 
 __all__ = [
     "DP", "make_private", "privacy_of", "diagnostics", "poisson_schedule", "epsilon", "noise_multiplier_for",
     "ACCOUNTANTS", "PrivacyError", "PerExampleGradientError", "DPGradient", "step_noise", "FIXED_SCHEDULE_CAVEAT",
-    "loss_threshold_mia", "fold_stability",
+    "loss_threshold_mia", "fold_stability", "accuracy", "digits_test_data", "shifted", "losses",
 ]
