@@ -343,3 +343,28 @@ def test_cli_train_reports_epsilon_and_accuracy(capsys):
         assert main(["train", "--preset", "digits", "--steps", "2", *bad]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1, (bad, err)
+
+
+def test_one_run_lower_bound_on_randomized_response():
+    # each canary's membership guess is right with probability e^eps/(1+e^eps): an eps-DP mechanism with the bound
+    # tight, so the audit must stay below eps and come close to it with many canaries
+    import numpy as np
+
+    from delsketch.privacy import one_run_epsilon_lower_bound
+
+    eps = 2.0
+    rng = np.random.default_rng(0)
+    below = 0
+    for trial in range(20):
+        member = rng.random(2000) < 0.5
+        right = rng.random(2000) < math.exp(eps) / (1 + math.exp(eps))
+        guess_in = np.where(right, member, ~member)
+        scores = guess_in + 1e-3 * rng.random(2000)  # all "in" guesses above all "out" guesses
+        k_in = int(guess_in.sum())
+        r = one_run_epsilon_lower_bound(scores, member, k_in=k_in, k_out=2000 - k_in)
+        assert r["correct"] == int(right.sum())
+        below += r["epsilon_lower_bound"] <= eps
+        assert r["epsilon_lower_bound"] > 1.5
+    assert below >= 17  # beta = 0.05: the bound exceeds the truth in about 5 % of trials
+    none = one_run_epsilon_lower_bound([0.0] * 10, [True, False] * 5, k_in=5)  # 3 of 5 right: no evidence
+    assert none["epsilon_lower_bound"] == 0.0

@@ -8,6 +8,7 @@ without importing this package) counts example-steps within ``boundary_margin`` 
 run, and :func:`fold_stability` folds that count into a stability report's verdict."""
 
 from .accounting import ACCOUNTANTS, PrivacyError, epsilon, noise_multiplier_for
+from .audit import one_run_epsilon_lower_bound
 from .config import DP
 from .dpsgd import DPGradient, PerExampleGradientError, step_noise
 from .evaluate import accuracy, digits_test_data, losses, shifted
@@ -18,4 +19,5 @@ __all__ = [
     "DP", "make_private", "privacy_of", "diagnostics", "poisson_schedule", "epsilon", "noise_multiplier_for",
     "ACCOUNTANTS", "PrivacyError", "PerExampleGradientError", "DPGradient", "step_noise", "FIXED_SCHEDULE_CAVEAT",
     "loss_threshold_mia", "fold_stability", "accuracy", "digits_test_data", "shifted", "losses",
+    "one_run_epsilon_lower_bound",
 ]
