@@ -8,9 +8,11 @@ Per epsilon and seed: test accuracy, accuracy on a noise-shifted test set (Gauss
 [0, 1]), a loss-threshold membership-inference attack (train members vs held-out non-members: AUC, TPR at 0.1 % and
 1 % FPR). Opacus: PrivacyEngine.make_private with the same initial weights, noise multiplier, clip, sample rate
 (Poisson) and steps. Time per step and peak memory (growth of the resident set's high-water mark during the run) for no DP, delsketch DP and
-Opacus DP.
+Opacus DP. Canaries: 200 mislabeled training examples, each kept with probability 1/2; membership inference on them
+and the one-run epsilon lower bound (delsketch.privacy.one_run_epsilon_lower_bound), one run per epsilon.
 
     python bench/privacy/run.py [--epochs 15] [--seeds 3] [--eps 8,4,3,2,1,0.5] [--out bench/results/privacy.json]
+    python bench/privacy/run.py --plot-only      # redraw docs/figures/privacy-digits.png from the JSON
 """
 
 from __future__ import annotations
@@ -102,6 +104,50 @@ def measure(task, params):
             "mia_tpr_at_1%": mia["tpr_at_fpr"]["0.01"]}
 
 
+def canaries(task, eps_grid, m: int = 200, guesses: int = 20, seed: int = 0) -> list[dict]:
+    """Mislabeled canaries: ``m`` training examples get a random wrong label; each is kept with probability 1/2
+    (the others deleted: weight 1); score = minus the loss of the wrong label after training. Membership inference
+    on the canaries (AUC, TPR at low FPR) and the one-run epsilon lower bound (``guesses`` "in" + ``guesses``
+    "out"), per epsilon (one run each)."""
+    import dataclasses
+
+    import numpy as np
+    from torch.func import functional_call
+
+    from delsketch import train
+    from delsketch.privacy import DP, loss_threshold_mia, make_private, one_run_epsilon_lower_bound
+
+    rng = np.random.default_rng(seed)
+    X = torch.stack([torch.tensor(e["image"], dtype=torch.float64) / 16.0 for e in task.examples])
+    y = torch.tensor([e["label"] for e in task.examples])
+    can = torch.tensor(np.sort(rng.choice(task.n, m, replace=False)))
+    y = y.clone()
+    y[can] = (y[can] + torch.tensor(rng.integers(1, 10, m))) % 10
+    member = torch.tensor(rng.random(m) < 0.5)
+    w = torch.zeros(task.n, dtype=torch.float64)
+    w[can[~member]] = 1.0
+    model = task.model
+
+    def example_losses(p, idx):
+        return torch.nn.functional.cross_entropy(functional_call(model, p, (X[idx],)), y[idx], reduction="none")
+
+    ctask = dataclasses.replace(task, example_losses=example_losses, config={**task.config, "canaries": m})
+    out = []
+    for eps in [math.inf] + eps_grid:
+        sigma = None if math.isinf(eps) else sigma_for(eps, task)
+        t = ctask if sigma is None else make_private(ctask, DP(noise_multiplier=sigma, max_grad_norm=CLIP, delta=DELTA))
+        p = train(t, w=w)
+        with torch.no_grad():
+            loss = example_losses({k: v.detach() for k, v in p.items()}, can)
+        mia = loss_threshold_mia(loss[member].tolist(), loss[~member].tolist())
+        lb = one_run_epsilon_lower_bound((-loss).tolist(), member.tolist(), k_in=guesses, k_out=guesses)
+        out.append({"epsilon": None if math.isinf(eps) else eps, "canaries": m, "members": int(member.sum()),
+                    "mia_auc": mia["auc"], "mia_tpr_at_fpr": mia["tpr_at_fpr"], **lb})
+        print(f"canaries, eps {eps}: AUC {mia['auc']:.3f}, lower bound {lb['epsilon_lower_bound']:.2f} "
+              f"({lb['correct']}/{lb['guesses']})", file=sys.stderr, flush=True)
+    return out
+
+
 def _status_kib(key: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -141,7 +187,14 @@ def main(argv=None) -> int:
     ap.add_argument("--eps", default="8,4,3,2,1,0.5")
     ap.add_argument("--out", default="bench/results/privacy.json")
     ap.add_argument("--plot", default="docs/figures/privacy-digits.png")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot from --out's JSON")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        import json
+
+        saved = json.loads(Path(args.out).read_text())
+        _plot(saved["rows"], saved["canaries"], args.plot)
+        return 0
     torch.set_num_threads(1)
     from delsketch.io import versions, write_json
 
@@ -174,6 +227,7 @@ def main(argv=None) -> int:
         print(f"eps {row['epsilon']}: acc {row['test_accuracy'][0]:.3f} ± {row['test_accuracy'][1]:.3f}"
               + (f" (opacus {row['opacus_test_accuracy'][0]:.3f} ± {row['opacus_test_accuracy'][1]:.3f})" if os_ else ""),
               file=sys.stderr, flush=True)
+    canary_rows = canaries(task, eps_grid)
     sigma3 = sigma_for(3.0, task)
     costs = cost(task, sigma3)
     result = {
@@ -181,7 +235,7 @@ def main(argv=None) -> int:
                    "steps": len(task.schedule), "batch": 32, "sample_rate": 1 / 16, "clip": CLIP, "delta": DELTA,
                    "accountant": "prv", "seeds": args.seeds, "shift": "Gaussian noise std 0.3, clipped to [0, 1]",
                    "cost_at_epsilon": 3.0},
-        "rows": rows, "cost": costs, "versions": versions(), "seconds": time.perf_counter() - t_start,
+        "rows": rows, "canaries": canary_rows, "cost": costs, "versions": versions(), "seconds": time.perf_counter() - t_start,
     }
     write_json(args.out, result)
     # table
@@ -192,14 +246,18 @@ def main(argv=None) -> int:
         print(f"{'none' if r['epsilon'] is None else r['epsilon']:>5} {r['noise_multiplier'] or 0:6.3f} "
               f"{f(r['test_accuracy']):>13} {f(r['opacus_test_accuracy']) if 'opacus_test_accuracy' in r else '-':>13} "
               f"{f(r['shifted_accuracy']):>13} {r['mia_auc'][0]:7.3f} {r['mia_tpr_at_1%'][0]:7.3f}")
+    print(f"{'eps':>5} {'canary MIA AUC':>14} {'TPR@10%':>8} {'one-run eps lower bound':>24}")
+    for r in canary_rows:
+        print(f"{'none' if r['epsilon'] is None else r['epsilon']:>5} {r['mia_auc']:14.3f} "
+              f"{r['mia_tpr_at_fpr']['0.1']:8.3f} {r['epsilon_lower_bound']:17.2f} ({r['correct']}/{r['guesses']})")
     for m, c in costs.items():
         print(f"{m:>7}: {1e3 * c['s_per_step']:.2f} ms/step, peak RSS growth {c['peak_rss_growth_mib']:.1f} MiB")
     print(f"wrote {args.out} in {result['seconds']:.0f} s")
-    _plot(rows, args.plot)
+    _plot(rows, canary_rows, args.plot)
     return 0
 
 
-def _plot(rows, path) -> None:
+def _plot(rows, canary_rows, path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -208,7 +266,7 @@ def _plot(rows, path) -> None:
     dp = [r for r in rows if r["epsilon"] is not None]
     none = next(r for r in rows if r["epsilon"] is None)
     x = [r["epsilon"] for r in dp]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
     for key, label in (("test_accuracy", "delsketch DP-SGD"), ("opacus_test_accuracy", "Opacus"),
                        ("shifted_accuracy", "delsketch, shifted test set")):
         a.errorbar(x, [r[key][0] for r in dp], yerr=[r[key][1] for r in dp], marker="o", capsize=3, label=label)
@@ -222,6 +280,19 @@ def _plot(rows, path) -> None:
     b.axhline(0.5, color="gray", ls=":", lw=1, label="chance")
     b.set_xscale("log"); b.set_xlabel("epsilon"); b.set_ylabel("AUC"); b.legend(fontsize=8)
     b.set_title("membership inference (500 members vs 500 held out)")
+    cdp = [r for r in canary_rows if r["epsilon"] is not None]
+    cx = [r["epsilon"] for r in cdp]
+    c.plot(cx, cx, "k--", lw=1, label="accountant epsilon")
+    c.plot(cx, [r["epsilon_lower_bound"] for r in cdp], "o-", label="one-run lower bound (canaries)")
+    cnone = next(r for r in canary_rows if r["epsilon"] is None)
+    c.axhline(cnone["epsilon_lower_bound"], color="gray", ls=":", lw=1, label="lower bound, no DP")
+    c.plot(cx, [r["mia_auc"] for r in cdp], "s-", label="canary MIA AUC")
+    c.set_xscale("log"); c.set_xlabel("epsilon"); c.legend(fontsize=8)
+    c.set_title(f"{cnone['canaries']} mislabeled canaries, half trained on")
+    for ax in (a, b, c):
+        ax.set_xticks(x)
+        ax.set_xticklabels([f"{v:g}" for v in x])
+        ax.minorticks_off()
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
