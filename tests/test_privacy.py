@@ -368,3 +368,18 @@ def test_one_run_lower_bound_on_randomized_response():
     assert below >= 17  # beta = 0.05: the bound exceeds the truth in about 5 % of trials
     none = one_run_epsilon_lower_bound([0.0] * 10, [True, False] * 5, k_in=5)  # 3 of 5 right: no evidence
     assert none["epsilon_lower_bound"] == 0.0
+
+
+def test_vmap_and_per_example_loop_agree():
+    # the fast path (vmap) is the one taken on plain tensors, also when recording; the loop (ring runs, fallback)
+    # computes the same run
+    task, *_ = small_task(steps=6)
+    dp = DP(noise_multiplier=0.7, max_grad_norm=0.5, delta=1e-3, seed=4)
+    fast, slow = make_private(task, dp), make_private(task, dp)
+    slow.gradient._use_vmap = False
+    a, b = train(fast), train(slow)
+    assert fast.gradient._use_vmap
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-13), k
+    train(fast, w=torch.zeros(task.n, dtype=torch.float64, requires_grad=True), record=True)
+    assert fast.gradient._use_vmap
