@@ -190,3 +190,18 @@ def test_cli_report(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "## Most memorized examples" in md and "## Membership inference" in md and "## Canaries" in md
     assert all((tmp_path / f).stat().st_size > 1000 for f in ("memorization.png", "roc.png", "exposure.png"))
+
+
+def test_loss_threshold_against_pair_counting():
+    g = torch.Generator().manual_seed(0)
+    mem = (torch.randn(200, generator=g, dtype=torch.float64) * 0.5 + 0.3).tolist()
+    non = (torch.randn(300, generator=g, dtype=torch.float64) * 0.5 + 0.8).tolist()
+    r = loss_threshold(mem, non, fprs=(0.001, 0.01, 0.1))
+    pairs = sum((a < b) + 0.5 * (a == b) for a in mem for b in non) / (len(mem) * len(non))
+    assert r["auc"] == pytest.approx(pairs, abs=1e-12)
+    # TPR at FPR 1%: members strictly below the 4th-lowest non-member loss (at most 3 of the 300 let through)
+    t = sorted(non)[3]
+    assert r["tpr_at_fpr"]["0.01"] == pytest.approx(sum(a < t for a in mem) / len(mem), abs=1e-12)
+    assert r["tpr_at_fpr"]["0.001"] <= r["tpr_at_fpr"]["0.01"] <= r["tpr_at_fpr"]["0.1"]
+    with pytest.raises(ValueError):
+        loss_threshold([], non)

@@ -490,6 +490,9 @@ def reproduce(figure, data, out_dir, directions, degree, steps, workers, json_ou
 from .cli_audit import audit as _audit; app.add_command(_audit)  # noqa: E402,E702 (the audit command group)
 
 
+from .cli_privacy import train_command; app.add_command(train_command)  # noqa: E402,E702  (delsketch train)
+
+
 # ----------------------------------------------------------------------------------------------
 # entry point with the exit-2 contract
 # ----------------------------------------------------------------------------------------------

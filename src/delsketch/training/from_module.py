@@ -57,6 +57,7 @@ def from_module(
     lr_schedule: Optional[Schedule] = None,
     normalization: str = "fixed",
     name: str = "module",
+    privacy: Any = None,
 ) -> Task:
     """The :class:`Task` of training ``model`` on ``data`` with ``loss_fn`` and ``optimizer``.
 
@@ -77,6 +78,8 @@ def from_module(
     ``lr_schedule``: a delsketch schedule (``constant``, ``cosine``, ``linear_decay``, ``warmup``) that
         multiplies the optimizer's lr.
     ``normalization``: ``"fixed"`` or ``"renormalized"``; see the module docstring for which one you want.
+    ``privacy``: ``None``, or DP-SGD settings (``delsketch.privacy.DP(...)``): the task is then made private with
+        :func:`delsketch.privacy.make_private` (per-example clipping, seeded noise, Poisson sampling).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -128,7 +131,7 @@ def from_module(
     if converted:
         warnings.warn(f"from_module: the model ({', '.join(converted)}) runs in float64 on a copy "
                       "(task.config['converted_from'])", FromModuleWarning, stacklevel=3)
-    return Task(
+    task = Task(
         name=name,
         n=n,
         init_params=lambda: {k: v.clone() for k, v in init.items()},
@@ -142,6 +145,7 @@ def from_module(
         loss_fn=loss_fn,
         data=(inputs, targets),
     )
+    return task if privacy is None else privacy.apply(task)
 
 
 def batches(n: int, *, steps: Optional[int] = None, epochs: Optional[int] = None, batch_size: Optional[int] = None,

@@ -49,6 +49,22 @@ def _fresh_leaves(params: Params) -> Params:
     return {k: v.detach().requires_grad_(True) for k, v in params.items()}
 
 
+def _batch_gradient(task: Task, params: Params, names: list, w: Optional[Tensor], idx: Tensor,
+                    record: bool) -> tuple[Tensor, Params]:
+    """The default step gradient: that of the weighted batch loss."""
+    with torch.enable_grad():
+        losses = task.example_losses(params, idx)
+        if tuple(losses.shape) != (len(idx),):
+            raise ValueError(
+                f"task {task.name!r}: example_losses must return per-example losses of shape "
+                f"[{len(idx)}], got {list(losses.shape)}"
+            )
+        loss = batch_loss(losses, w, idx, task.normalization)
+        grads_t = torch.autograd.grad(loss, [params[k] for k in names], allow_unused=True, create_graph=record)
+    grads = {k: (g if g is not None else torch.zeros_like(params[k])) for k, g in zip(names, grads_t)}
+    return loss, grads
+
+
 def train(
     task: Task,
     w: Optional[Tensor] = None,
@@ -97,18 +113,14 @@ def train(
             stack.enter_context(differentiable(opt))
         for s in range(steps):
             idx = torch.tensor(task.schedule[s], dtype=torch.long)
-            with torch.enable_grad():
-                losses = task.example_losses(params, idx)
-                if tuple(losses.shape) != (len(idx),):
-                    raise ValueError(
-                        f"task {task.name!r}: example_losses must return per-example losses of shape "
-                        f"[{len(idx)}], got {list(losses.shape)}"
-                    )
-                loss = batch_loss(losses, w, idx, task.normalization)
-                grads_t = torch.autograd.grad(loss, [params[k] for k in names], allow_unused=True, create_graph=record)
-            grads = {
-                k: (g if g is not None else torch.zeros_like(params[k])) for k, g in zip(names, grads_t)
-            }
+            if task.gradient is not None:
+                loss, grads = task.gradient(params, task.example_losses, w, idx, s, create_graph=record)
+                missing = [k for k in names if k not in grads]
+                if missing:
+                    raise ValueError(f"task {task.name!r}: its gradient transform returned no gradient for "
+                                     f"{', '.join(map(repr, missing))}")
+            else:
+                loss, grads = _batch_gradient(task, params, names, w, idx, record)
             new_params, state = opt.step(params, grads, state, s)
             loss = loss.detach()
             if check_finite:

@@ -66,6 +66,12 @@ class Task:
     loss_fn: ``(outputs, targets) -> per-example losses [b]`` (set by :meth:`from_module`).
     data: the training ``(inputs, targets)`` tensors in index order (set by :meth:`from_module`); part of
         the fingerprint.
+    gradient: ``None`` (default: the step's gradient is that of the weighted batch loss, see
+        :func:`delsketch.training.loop.batch_loss`), or a gradient transform called by the loop as
+        ``gradient(params, example_losses, w, idx, step, create_graph=...) -> (loss, grads)`` that returns the
+        step's (detached, for reporting) batch loss and the gradients ``{name: tensor}`` handed to the optimizer
+        (e.g. DP-SGD, :func:`delsketch.privacy.make_private`). Such a task may have empty batches (the
+        transform handles them). Its ``describe()`` is part of the fingerprint when it has one.
     """
 
     name: str
@@ -87,6 +93,7 @@ class Task:
     forward: Optional[Callable[[Params, Any], Any]] = None
     loss_fn: Optional[Callable[[Any, Any], Tensor]] = None
     data: Optional[tuple] = None
+    gradient: Optional[Callable[..., tuple[Tensor, Params]]] = None
 
     @classmethod
     def from_module(cls, model, data, loss_fn, optimizer, **kwargs) -> "Task":
@@ -103,7 +110,7 @@ class Task:
         if self.n <= 0:
             raise ValueError(f"task {self.name!r}: n must be positive, got {self.n}")
         for s, batch in enumerate(self.schedule):
-            if len(batch) == 0:
+            if len(batch) == 0 and self.gradient is None:
                 raise ValueError(f"task {self.name!r}: step {s} has an empty batch")
             for i in batch:
                 if not 0 <= i < self.n:
@@ -124,6 +131,7 @@ class Task:
             "optimizer": self.optimizer.describe(),
             "model": repr(self.model) if self.model is not None else None,
             "config": self.config,
+            **({"gradient": _describe_gradient(self.gradient)} if self.gradient is not None else {}),
         }
 
     def fingerprint(self) -> str:
@@ -205,6 +213,11 @@ def describe_callable(fn: Any) -> str:
     except (OSError, TypeError):
         pass
     return "\n".join(parts)
+
+
+def _describe_gradient(g: Callable) -> Any:
+    describe = getattr(g, "describe", None)
+    return describe() if callable(describe) else repr(g)
 
 
 def first_steps(task: Task, steps: Optional[int]) -> Task:
