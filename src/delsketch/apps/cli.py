@@ -58,8 +58,8 @@ def parse_spec(spec: str, task) -> list[int]:
     idx: list[int] = []
     if spec.startswith("@"):
         path = Path(spec[1:])
-        if not path.exists():
-            raise CliError(f"deletion file not found: {path}")
+        if not path.is_file():
+            raise CliError(f"deletion file not found: {path}" if not path.exists() else f"deletion file is not a file: {path}")
         tokens = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.strip().startswith("#")]
         for t in tokens:
             try:
@@ -85,6 +85,8 @@ def parse_spec(spec: str, task) -> list[int]:
                     raise CliError(f"bad range {tok!r} in --delete SPEC (expected A:B)") from None
                 if hi <= lo:
                     raise CliError(f"empty range {tok!r} in --delete SPEC")
+                if lo < 0 or hi > task.n:
+                    raise CliError(f"range {tok!r} out of range: the task has {task.n} training examples (0..{task.n - 1})")
                 idx.extend(range(lo, hi))
             else:
                 try:
@@ -100,6 +102,25 @@ def parse_spec(spec: str, task) -> list[int]:
     if not out_idx:
         raise CliError(f"--delete {spec!r} selects no training example")
     return out_idx
+
+
+def check_weight(weight: float) -> float:
+    import math
+
+    if not math.isfinite(weight):
+        raise CliError(f"--weight must be a finite number, got {weight}")
+    return weight
+
+
+def check_plot(path: Optional[str]) -> Optional[str]:
+    """A PNG path that can be written: ends in .png and is not a directory (checked before any work)."""
+    if path is None:
+        return None
+    if not path.lower().endswith(".png"):
+        raise CliError(f"--plot must name a .png file, got {path!r}")
+    if Path(path).is_dir():
+        raise CliError(f"--plot {path} is a directory")
+    return path
 
 
 def check_queries(task, queries: list[str]) -> list[str]:
@@ -167,6 +188,8 @@ def sketch(preset, data, steps, directions, degree, out_dir, seed, chunk, worker
 
     if workers < 0:
         raise CliError("--workers must be 0 (one per core) or more")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise CliError(f"--out {out_dir} exists and is not a directory")
     task = build_task(preset, data, steps)
     t0 = time.perf_counter()
     with progress_bar("sketch") as bar:
@@ -221,6 +244,7 @@ def predict(sketch_dir, delete, weight, query, delta, degree, control, by_degree
     """Predict outputs after deleting (or reweighting) a set of training examples."""
     if not 0 < delta < 1:
         raise CliError("--delta must lie in (0, 1)")
+    check_weight(weight)
     sk = load_sketch(sketch_dir)
     if degree is not None and not 0 <= degree <= sk.degree:
         raise CliError(f"--degree must lie in [0, {sk.degree}] (the sketch's degree)")
@@ -271,6 +295,7 @@ def retrain(preset, data, steps, delete, weight, query, json_out):
     from ..training import deletion_weights, train
     from ..sketch import evaluate
 
+    check_weight(weight)
     task = build_task(preset, data, steps)
     idx = parse_spec(delete, task)
     qs = check_queries(task, list(query))
@@ -308,6 +333,7 @@ def series(preset, data, steps, delete, degree, weight, query, json_out):
 
     if not 1 <= degree <= 100:
         raise CliError("--degree must lie in [1, 100]")
+    check_weight(weight)
     task = build_task(preset, data, steps)
     idx = parse_spec(delete, task)
     qs = check_queries(task, list(query))
@@ -383,6 +409,11 @@ def _example_text(task, i: int) -> str:
 @json_option
 def stability(sketch_dir, query, tolerance, plot, json_out):
     """Stability diagnostics: do the Taylor terms decay with degree?"""
+    import math
+
+    if not (math.isfinite(tolerance) and tolerance > 0):
+        raise CliError(f"--tolerance must be a positive number, got {tolerance}")
+    check_plot(plot)
     sk = load_sketch(sketch_dir)
     qs = check_queries(sk.task, query or list(sk.task.default_queries))
     reports = {q: sk.stability(q, tolerance=tolerance) for q in qs}
@@ -493,12 +524,53 @@ def reproduce(figure, data, out_dir, directions, degree, steps, workers, json_ou
 # ----------------------------------------------------------------------------------------------
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (raised in the main thread so that every ``finally`` and atomic write unwinds)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    text = str(message).strip()
+    sys.stderr.write(f"warning: {text.splitlines()[0] if text else category.__name__}\n")
+
+
+RESUME_HINT = "a sketch resumes where it stopped: run the same command again"
+
+
 def main(argv: Optional[list] = None) -> int:
+    """Run the CLI; the return value is the exit status: 0 success, 2 a user-facing failure (one ``error:`` line
+    on stderr), 130 SIGINT, 143 SIGTERM. Warnings are one ``warning:`` line each."""
+    import signal
+    import threading
+
+    torch_threads()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
+    old_show = warnings.showwarning
+    warnings.showwarning = _one_line_warning
+    try:
+        return _main(argv)
+    finally:
+        warnings.showwarning = old_show
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _main(argv: Optional[list]) -> int:
+    from safetensors import SafetensorError
+
     from ..sketch import SketchError
     from ..series import SeriesDomainError, UnsupportedOpError
     from ..training import NonFiniteError
 
-    torch_threads()
+    def fail(msg: str, code: int = 2) -> int:
+        msg = msg.strip()
+        sys.stderr.write(f"error: {msg.splitlines()[0] if msg else 'failed'}\n")
+        return code
+
     try:
         rv = app.main(args=argv, standalone_mode=False, prog_name="delsketch")
         if isinstance(rv, int) and rv:
@@ -506,21 +578,24 @@ def main(argv: Optional[list] = None) -> int:
     except click.exceptions.Exit as e:
         return e.exit_code
     except (click.exceptions.Abort, KeyboardInterrupt):
-        sys.stderr.write("error: interrupted (a sketch resumes where it stopped: run the same command again)\n")
-        return 130
+        return fail(f"interrupted ({RESUME_HINT})", 130)
+    except Terminated:
+        return fail(f"terminated by SIGTERM ({RESUME_HINT})", 143)
     except click.UsageError as e:
-        msg = e.format_message().replace("\n", " ")
-        sys.stderr.write(f"error: {msg}\n")
-        return 2
+        return fail(e.format_message().replace("\n", " "))
     except click.ClickException as e:
-        sys.stderr.write(f"error: {e.format_message()}\n")
-        return 2
-    except (CliError, SketchError, ValueError, FileNotFoundError) as e:
-        sys.stderr.write(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
-        return 2
+        return fail(e.format_message())
+    except (CliError, SketchError, ValueError) as e:
+        return fail(str(e) or type(e).__name__)
+    except OSError as e:  # read-only filesystem, disk full, a path of the wrong kind, permissions
+        where = f"{e.filename}: " if e.filename else ""
+        return fail(f"{where}{e.strerror or e}")
+    except SafetensorError as e:
+        return fail(f"unreadable safetensors file ({e})")
     except (UnsupportedOpError, SeriesDomainError, NonFiniteError) as e:
-        sys.stderr.write(f"error: {str(e).splitlines()[0]}\n")
-        return 1
+        return fail(str(e) or type(e).__name__)
+    except MemoryError:
+        return fail("out of memory")
     return 0
 
 
