@@ -67,10 +67,12 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
 def atomic_save_tensors(path: PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """A safetensors file with one metadata key ``delsketch`` (sorted JSON): safetensors orders several
     metadata keys nondeterministically, which would break byte identity."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     meta = {"delsketch": json.dumps(metadata, sort_keys=True)}
-    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, tmp, metadata=meta))
+    # serialized in memory and written by Python, so that a failing write (disk full, read-only) is an OSError
+    # with its errno and file name (safetensors' own writer reports it as a generic SafetensorError)
+    atomic_write_bytes(path, save({k: v.contiguous() for k, v in sorted(tensors.items())}, metadata=meta))
 
 
 def write_json(path: PathLike, obj, sort_keys: bool = True) -> None:

@@ -446,6 +446,13 @@ def demo(out_dir, directions, degree, json_out):
     """Train on census names, sketch, predict a deletion, retrain to check, print and plot the comparison."""
     from .demo import run_demo
 
+    if directions < 1:
+        raise CliError("--directions must be at least 1")
+    if not 1 <= degree <= 100:
+        raise CliError("--degree must lie in [1, 100]")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise CliError(f"--out {out_dir} exists and is not a directory")
+
     run_demo(out_dir, directions=directions, degree=degree, json_out=json_out, console=out, err=err,
              progress_factory=progress_bar)
 
@@ -591,7 +598,7 @@ def _main(argv: Optional[list]) -> int:
         where = f"{e.filename}: " if e.filename else ""
         return fail(f"{where}{e.strerror or e}")
     except SafetensorError as e:
-        return fail(f"unreadable safetensors file ({e})")
+        return fail(f"safetensors: {e}")
     except (UnsupportedOpError, SeriesDomainError, NonFiniteError) as e:
         return fail(str(e) or type(e).__name__)
     except MemoryError:

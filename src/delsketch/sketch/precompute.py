@@ -147,8 +147,8 @@ def _build(task, out, cfg, progress, task_spec, task_factory, max_chunks, only_c
     else:
         _precompute_parallel(task, out, todo, seed, degree, n_steps, task_factory, min(workers, len(todo)),
                              record, lambda d: progress(done + d, total) if progress else None)
-    if not chunks:
-        write_json(mpath, manifest(task, cfg, chunks, base_sha, task_spec))
+    # always (re)write the manifest: a resume repairs fields that were edited but do not change the sketch
+    write_json(mpath, manifest(task, cfg, chunks, base_sha, task_spec))
     return Sketch.load(out, task)
 
 

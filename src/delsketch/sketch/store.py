@@ -60,6 +60,8 @@ class SketchConfig:
             raise ValueError(f"directions must be at least 1, got {self.directions}")
         if not 1 <= self.degree <= 100:
             raise ValueError(f"degree must lie in [1, 100], got {self.degree}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be at least 0, got {self.seed}")
         if self.chunk < 1:
             raise ValueError(f"chunk must be at least 1, got {self.chunk}")
         if self.steps is not None and not 0 <= self.steps <= task.steps:
