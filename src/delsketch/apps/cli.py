@@ -535,8 +535,16 @@ class Terminated(BaseException):
     """SIGTERM arrived (raised in the main thread so that every ``finally`` and atomic write unwinds)."""
 
 
-def _on_sigterm(signum, frame):
-    raise Terminated()
+#: signals received during this ``main`` call. An exception raised by a signal handler inside C code (torch
+#: building a tensor from a list, say) can come out converted to another type; the record decides the status.
+_signals: list[int] = []
+
+
+def _on_signal(signum, frame):
+    import signal
+
+    _signals.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -549,24 +557,33 @@ RESUME_HINT = "a sketch resumes where it stopped: run the same command again"
 
 def main(argv: Optional[list] = None) -> int:
     """Run the CLI; the return value is the exit status: 0 success, 2 a user-facing failure (one ``error:`` line
-    on stderr), 130 SIGINT, 143 SIGTERM. Warnings are one ``warning:`` line each."""
+    on stderr), 130 SIGINT, 143 SIGTERM (with the resume hint). Warnings are one ``warning:`` line each."""
     import signal
     import threading
 
     torch_threads()
     in_main_thread = threading.current_thread() is threading.main_thread()
-    old_term = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if in_main_thread else {}
     old_show = warnings.showwarning
     warnings.showwarning = _one_line_warning
+    _signals.clear()
     try:
-        return _main(argv)
+        try:
+            rv = app.main(args=argv, standalone_mode=False, prog_name="delsketch")
+            return rv if isinstance(rv, int) and rv else 0
+        except BaseException as e:  # noqa: BLE001 - mapped to an exit status below, or re-raised
+            return _exit_status(e)
     finally:
         warnings.showwarning = old_show
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, old_term)
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
-def _main(argv: Optional[list]) -> int:
+def _exit_status(e: BaseException) -> int:
+    """Report ``e`` as one ``error:`` line and return the exit status; exceptions that are not a user-facing
+    failure (programming errors) are re-raised with their traceback."""
+    import signal
+
     from safetensors import SafetensorError
 
     from ..sketch import SketchError
@@ -578,32 +595,26 @@ def _main(argv: Optional[list]) -> int:
         sys.stderr.write(f"error: {msg.splitlines()[0] if msg else 'failed'}\n")
         return code
 
-    try:
-        rv = app.main(args=argv, standalone_mode=False, prog_name="delsketch")
-        if isinstance(rv, int) and rv:
-            return rv
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        return fail(f"interrupted ({RESUME_HINT})", 130)
-    except Terminated:
+    if signal.SIGTERM in _signals or isinstance(e, Terminated):
         return fail(f"terminated by SIGTERM ({RESUME_HINT})", 143)
-    except click.UsageError as e:
+    if _signals or isinstance(e, (click.exceptions.Abort, KeyboardInterrupt)):
+        return fail(f"interrupted ({RESUME_HINT})", 130)
+    if isinstance(e, click.exceptions.Exit):
+        return e.exit_code
+    if isinstance(e, click.UsageError):
         return fail(e.format_message().replace("\n", " "))
-    except click.ClickException as e:
+    if isinstance(e, click.ClickException):
         return fail(e.format_message())
-    except (CliError, SketchError, ValueError) as e:
+    if isinstance(e, (CliError, SketchError, ValueError, UnsupportedOpError, SeriesDomainError, NonFiniteError)):
         return fail(str(e) or type(e).__name__)
-    except OSError as e:  # read-only filesystem, disk full, a path of the wrong kind, permissions
+    if isinstance(e, OSError):  # read-only filesystem, disk full, a path of the wrong kind, permissions
         where = f"{e.filename}: " if e.filename else ""
         return fail(f"{where}{e.strerror or e}")
-    except SafetensorError as e:
+    if isinstance(e, SafetensorError):
         return fail(f"safetensors: {e}")
-    except (UnsupportedOpError, SeriesDomainError, NonFiniteError) as e:
-        return fail(str(e) or type(e).__name__)
-    except MemoryError:
+    if isinstance(e, MemoryError):
         return fail("out of memory")
-    return 0
+    raise e
 
 
 def torch_threads() -> None:
