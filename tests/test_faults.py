@@ -187,6 +187,17 @@ def strip_digest(name):
     return f
 
 
+def rename_tensor(name, old, new):
+    """Rewrite a chunk with a tensor renamed and record the new file's checksum: intact bytes, wrong contents."""
+    def f(d, ctx):
+        from delsketch.io import sha256_file
+
+        t = {(new if k == old else k): v.clone() for k, v in load_file(d / name).items()}
+        save_file(t, d / name)
+        edit(lambda m: m["chunks"][name].update(sha256=sha256_file(d / name)))(d, ctx)
+    return f
+
+
 def chain(*fs):
     def f(d, ctx):
         for g in fs:
@@ -231,6 +242,10 @@ STORAGE = [
     ("chunk: replaced by a pickle", pickle_payload(C1), (R, CHECKSUM), rec(RECOMPUTED)),
     ("chunk: replaced by garbage", write(C1, os.urandom(5000)), (R, CHECKSUM), rec(RECOMPUTED)),
     ("chunk: replaced by another seed's chunk", from_other(C1), (R, CHECKSUM), rec(RECOMPUTED)),
+    ("chunk: unexpected tensor name (checksum recorded)", rename_tensor(C1, "param.fc2.bias", "param.fc3.bias"),
+     (R, "tensor param.fc2.bias is None"), (R, "tensor param.fc2.bias is None")),
+    ("chunk: psi renamed (checksum recorded)", rename_tensor(C0, "psi", "phi"),
+     (R, "tensor phi is [2, 500, 2]"), (R, "tensor phi is [2, 500, 2]")),
     ("chunk: path is a directory", make_dir(C1), (R, "not a file"), (R, "not a file")),
     ("chunk: sha256 in the manifest edited", edit(lambda m: m["chunks"][C1].update(sha256="0" * 64)), (R, CHECKSUM),
      rec(RECOMPUTED)),
