@@ -47,6 +47,13 @@ def precompute(
     machine two workers do about twice the work of one). The workers rebuild the task by calling ``task_factory``
     (a picklable zero-argument callable, e.g. ``delsketch.tasks.factory(spec)``), so it is required then; the numbers are those of ``workers=1`` with one torch thread. The
     workers are spawned, so a script that calls this needs the usual ``if __name__ == "__main__":`` guard.
+
+    Resuming never trusts bytes it cannot verify: a recorded chunk is kept only if it hashes to its manifest
+    record, an unrecorded one (copied in) only if its tensors hash to the digest stored inside it and it holds
+    the right directions; anything else is recomputed with a :class:`RecoveryWarning` (one line), and the
+    result is byte-identical to a clean run. A directory holding the same sketch with fewer directions is
+    grown to ``directions`` (byte-identical to a sketch made at that size); more directions than asked for is
+    an error. A lock (``fcntl.flock`` on ``out/.lock``) makes a second concurrent writer fail at once.
     """
     cfg = SketchConfig(directions=directions, degree=degree, seed=seed, chunk=chunk, steps=steps)
     cfg.validate(task)

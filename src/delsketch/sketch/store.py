@@ -7,6 +7,11 @@ Layout of a sketch directory::
     base.safetensors        degree-0 parameters (= plain training), stored once
     chunk-00000.safetensors psi and degree 1..k coefficients of every parameter, for a range of directions
     timings.json            wall times (kept out of the manifest so files are reproducible byte for byte)
+
+Every safetensors file carries, in its one metadata entry, the digest of its tensors (:func:`tensor_digest`) and
+the task's fingerprint, so a file can prove it is intact without a manifest record. The manifest is checked
+against a schema (:func:`validate_manifest`) before any field is used, and the stored tensors' names and shapes
+against the manifest (:func:`check_headers`) on load.
 """
 
 from __future__ import annotations
