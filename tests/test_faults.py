@@ -385,7 +385,7 @@ def test_more_directions_grow_the_sketch_to_the_bytes_of_a_clean_build(clean, ca
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mask", [0o027, 0o002])
+@pytest.mark.parametrize("mask", [0o027, 0o002], ids=["umask-027", "umask-002"])
 def test_files_follow_the_umask(capsys, tmp_path, mask):
     old = os.umask(mask)
     try:
