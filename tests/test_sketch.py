@@ -14,7 +14,7 @@ import torch
 
 from delsketch.tasks import factory, get_preset
 from delsketch.training import retrain, train, deletion_weights
-from delsketch.sketch import Sketch, SketchError, StabilityWarning, exact_series, precompute, direction
+from delsketch.sketch import RecoveryWarning, Sketch, SketchError, StabilityWarning, exact_series, precompute, direction
 
 QUERIES = ["test:mean", "test:3", "test:17"]
 
@@ -185,7 +185,8 @@ def test_damaged_chunk_is_recomputed_on_resume(task, small):
     p.write_bytes(p.read_bytes()[:-10])
     with pytest.raises(SketchError, match="checksum"):
         Sketch.load(small, task)
-    precompute(task, small, directions=12, degree=2, chunk=4, seed=1)
+    with pytest.warns(RecoveryWarning, match="differ from the checksum"):
+        precompute(task, small, directions=12, degree=2, chunk=4, seed=1)
     assert _files(small) == before
 
 

@@ -8,6 +8,8 @@ is its own training loop (torch.func.grad, hand-written SGD / Adam), sharing onl
 from __future__ import annotations
 
 import math
+import re
+import warnings
 
 import pytest
 import torch
@@ -221,3 +223,70 @@ def test_fused_series_optimizer_path_equals_generic_path(opt, monkeypatch):
             generic = run()
         for k in fused:
             torch.testing.assert_close(taylor.coefficients(fused[k]), taylor.coefficients(generic[k]), rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# divergence and the standard-Adam domain error
+# ----------------------------------------------------------------------------------------------
+
+
+def test_divergence_is_an_error_naming_the_step_and_the_loss():
+    """lr 1e4 on digits: the loss grows from 2.5 to ~1e5 within 3 steps without ever turning non-finite; the
+    run stops at the first step whose loss exceeds 1e3 x the step-0 loss, in plain training and in a ring run
+    (degree-0 coefficient), and the message's numbers are the losses an unchecked run reports."""
+    from delsketch.sketch import directions, ring_train, weight_series
+    from delsketch.training import DIVERGENCE_FACTOR, DivergenceError, NonFiniteError
+
+    task = get_preset("digits")(n_train=100, lr=1e4)
+    losses = []
+    train(task, callback=lambda s, l: losses.append(float(l)), check_finite=False)  # the unchecked run
+    assert all(math.isfinite(x) for x in losses)
+    first = next(s for s, x in enumerate(losses) if x > DIVERGENCE_FACTOR * max(losses[0], 1))
+    assert first >= 1
+    with pytest.raises(DivergenceError, match=rf"diverged at step {first}: loss {re.escape(f'{losses[first]:.3g}')} ") as e:
+        train(task)
+    assert isinstance(e.value, NonFiniteError) and "\n" not in str(e.value) and "learning rate" in str(e.value)
+    with pytest.raises(DivergenceError, match=rf"step {first}: loss {re.escape(f'{losses[first]:.3g}')} "):
+        ring_train(task, weight_series(directions(0, range(2), task.n), 1))
+
+
+@pytest.mark.parametrize("kw", [{}, {"optimizer": "adam"}, {"batch": None}])
+def test_divergence_check_stays_quiet_on_healthy_runs(kw):
+    """The digits presets as shipped (SGD, Adam, full batch) run to the end; their largest loss is within 2x of
+    the step-0 loss, three orders of magnitude below the threshold."""
+    from delsketch.training import DIVERGENCE_FACTOR
+
+    task = get_preset("digits")(n_train=200, **kw)
+    losses = []
+    train(task, callback=lambda s, l: losses.append(float(l)))
+    assert len(losses) == task.steps
+    assert max(losses) < 2 * max(losses[0], 1) < DIVERGENCE_FACTOR * max(losses[0], 1) / 100
+
+
+def _relu_task(inside: bool) -> Task:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).double()
+    X, y = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 2, (20,))
+    init = {k: p.detach().clone() for k, p in model.named_parameters()}
+    return Task(name="relu", n=20, init_params=lambda: {k: v.clone() for k, v in init.items()},
+                example_losses=lambda p, idx: F.cross_entropy(functional_call(model, p, (X[idx],)), y[idx], reduction="none"),
+                schedule=[[(4 * s + i) % 20 for i in range(4)] for s in range(5)],
+                optimizer=Adam(lr=0.01, eps_inside_sqrt=inside))
+
+
+def test_standard_adam_with_relu_names_the_fix():
+    """A ReLU leaves some second moments exactly zero: standard Adam's ring run fails with a SeriesDomainError
+    that names Adam(..., eps_inside_sqrt=True); that variant runs and its degree-0 part equals plain training."""
+    from delsketch.series import SeriesDomainError
+    from delsketch.sketch import directions, ring_train, weight_series
+
+    psi = directions(0, range(2), 20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", taylor.NonAnalyticWarning)  # ReLU's, expected here
+        with pytest.raises(SeriesDomainError, match=r"use Adam\(\.\.\., eps_inside_sqrt=True\)"):
+            ring_train(_relu_task(False), weight_series(psi, 2))
+        task = _relu_task(True)
+        ring = ring_train(task, weight_series(psi, 2))
+    plain = train(task)
+    for k in plain:
+        assert torch.allclose(taylor.coefficients(ring[k])[:, 0].real, plain[k], rtol=1e-12, atol=1e-12)

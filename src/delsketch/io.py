@@ -3,6 +3,8 @@ rename), permissions that follow the umask, checksums, and the version stamp eve
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -16,7 +18,8 @@ import torch
 
 from .version import __version__
 
-__all__ = ["sha256_file", "atomic_write", "atomic_write_bytes", "atomic_save_tensors", "write_json", "versions", "umask"]
+__all__ = ["sha256_file", "atomic_write", "atomic_write_bytes", "atomic_save_tensors", "write_json", "versions", "umask",
+           "LockedError", "directory_lock"]
 
 PathLike = Union[str, Path]
 
@@ -64,10 +67,12 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
 def atomic_save_tensors(path: PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """A safetensors file with one metadata key ``delsketch`` (sorted JSON): safetensors orders several
     metadata keys nondeterministically, which would break byte identity."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     meta = {"delsketch": json.dumps(metadata, sort_keys=True)}
-    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, tmp, metadata=meta))
+    # serialized in memory and written by Python, so that a failing write (disk full, read-only) is an OSError
+    # with its errno and file name (safetensors' own writer reports it as a generic SafetensorError)
+    atomic_write_bytes(path, save({k: v.contiguous() for k, v in sorted(tensors.items())}, metadata=meta))
 
 
 def write_json(path: PathLike, obj, sort_keys: bool = True) -> None:
@@ -77,3 +82,45 @@ def write_json(path: PathLike, obj, sort_keys: bool = True) -> None:
 def versions() -> dict:
     return {"delsketch": __version__, "torch": torch.__version__, "numpy": np.__version__,
             "python": platform.python_version()}
+
+
+class LockedError(RuntimeError):
+    """Another process holds the lock of a directory."""
+
+
+@contextlib.contextmanager
+def directory_lock(directory: PathLike, name: str = ".lock"):
+    """Hold an exclusive ``fcntl.flock`` on ``directory/name`` for the duration of the block.
+
+    A second holder fails at once with :class:`LockedError` (naming the holder's pid). The kernel drops the
+    lock when the holder's process ends, however it ends (``kill -9`` included), so a crash never leaves a
+    directory locked; a clean exit also removes the file. Removing the file while others may be opening it is
+    made safe by re-checking, after locking, that the locked file is still the one at the path."""
+    import fcntl
+
+    path = Path(directory) / name
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+                raise LockedError(f"{directory} is locked by another process (pid {holder or '?'})") from None
+            raise
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the file was removed by the previous holder between our open and our lock: try again
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)

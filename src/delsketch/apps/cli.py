@@ -58,8 +58,8 @@ def parse_spec(spec: str, task) -> list[int]:
     idx: list[int] = []
     if spec.startswith("@"):
         path = Path(spec[1:])
-        if not path.exists():
-            raise CliError(f"deletion file not found: {path}")
+        if not path.is_file():
+            raise CliError(f"deletion file not found: {path}" if not path.exists() else f"deletion file is not a file: {path}")
         tokens = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.strip().startswith("#")]
         for t in tokens:
             try:
@@ -85,6 +85,8 @@ def parse_spec(spec: str, task) -> list[int]:
                     raise CliError(f"bad range {tok!r} in --delete SPEC (expected A:B)") from None
                 if hi <= lo:
                     raise CliError(f"empty range {tok!r} in --delete SPEC")
+                if lo < 0 or hi > task.n:
+                    raise CliError(f"range {tok!r} out of range: the task has {task.n} training examples (0..{task.n - 1})")
                 idx.extend(range(lo, hi))
             else:
                 try:
@@ -100,6 +102,25 @@ def parse_spec(spec: str, task) -> list[int]:
     if not out_idx:
         raise CliError(f"--delete {spec!r} selects no training example")
     return out_idx
+
+
+def check_weight(weight: float) -> float:
+    import math
+
+    if not math.isfinite(weight):
+        raise CliError(f"--weight must be a finite number, got {weight}")
+    return weight
+
+
+def check_plot(path: Optional[str]) -> Optional[str]:
+    """A PNG path that can be written: ends in .png and is not a directory (checked before any work)."""
+    if path is None:
+        return None
+    if not path.lower().endswith(".png"):
+        raise CliError(f"--plot must name a .png file, got {path!r}")
+    if Path(path).is_dir():
+        raise CliError(f"--plot {path} is a directory")
+    return path
 
 
 def check_queries(task, queries: list[str]) -> list[str]:
@@ -167,6 +188,8 @@ def sketch(preset, data, steps, directions, degree, out_dir, seed, chunk, worker
 
     if workers < 0:
         raise CliError("--workers must be 0 (one per core) or more")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise CliError(f"--out {out_dir} exists and is not a directory")
     task = build_task(preset, data, steps)
     t0 = time.perf_counter()
     with progress_bar("sketch") as bar:
@@ -221,6 +244,7 @@ def predict(sketch_dir, delete, weight, query, delta, degree, control, by_degree
     """Predict outputs after deleting (or reweighting) a set of training examples."""
     if not 0 < delta < 1:
         raise CliError("--delta must lie in (0, 1)")
+    check_weight(weight)
     sk = load_sketch(sketch_dir)
     if degree is not None and not 0 <= degree <= sk.degree:
         raise CliError(f"--degree must lie in [0, {sk.degree}] (the sketch's degree)")
@@ -271,6 +295,7 @@ def retrain(preset, data, steps, delete, weight, query, json_out):
     from ..training import deletion_weights, train
     from ..sketch import evaluate
 
+    check_weight(weight)
     task = build_task(preset, data, steps)
     idx = parse_spec(delete, task)
     qs = check_queries(task, list(query))
@@ -308,6 +333,7 @@ def series(preset, data, steps, delete, degree, weight, query, json_out):
 
     if not 1 <= degree <= 100:
         raise CliError("--degree must lie in [1, 100]")
+    check_weight(weight)
     task = build_task(preset, data, steps)
     idx = parse_spec(delete, task)
     qs = check_queries(task, list(query))
@@ -383,6 +409,11 @@ def _example_text(task, i: int) -> str:
 @json_option
 def stability(sketch_dir, query, tolerance, plot, json_out):
     """Stability diagnostics: do the Taylor terms decay with degree?"""
+    import math
+
+    if not (math.isfinite(tolerance) and tolerance > 0):
+        raise CliError(f"--tolerance must be a positive number, got {tolerance}")
+    check_plot(plot)
     sk = load_sketch(sketch_dir)
     qs = check_queries(sk.task, query or list(sk.task.default_queries))
     reports = {q: sk.stability(q, tolerance=tolerance) for q in qs}
@@ -414,6 +445,13 @@ def stability(sketch_dir, query, tolerance, plot, json_out):
 def demo(out_dir, directions, degree, json_out):
     """Train on census names, sketch, predict a deletion, retrain to check, print and plot the comparison."""
     from .demo import run_demo
+
+    if directions < 1:
+        raise CliError("--directions must be at least 1")
+    if not 1 <= degree <= 100:
+        raise CliError("--degree must lie in [1, 100]")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise CliError(f"--out {out_dir} exists and is not a directory")
 
     run_demo(out_dir, directions=directions, degree=degree, json_out=json_out, console=out, err=err,
              progress_factory=progress_bar)
@@ -498,35 +536,90 @@ from .cli_privacy import train_command; app.add_command(train_command)  # noqa: 
 # ----------------------------------------------------------------------------------------------
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (raised in the main thread so that every ``finally`` and atomic write unwinds)."""
+
+
+#: signals received during this ``main`` call. An exception raised by a signal handler inside C code (torch
+#: building a tensor from a list, say) can come out converted to another type; the record decides the status.
+_signals: list[int] = []
+
+
+def _on_signal(signum, frame):
+    import signal
+
+    _signals.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    text = str(message).strip()
+    sys.stderr.write(f"warning: {text.splitlines()[0] if text else category.__name__}\n")
+
+
+RESUME_HINT = "a sketch resumes where it stopped: run the same command again"
+
+
 def main(argv: Optional[list] = None) -> int:
+    """Run the CLI; the return value is the exit status: 0 success, 2 a user-facing failure (one ``error:`` line
+    on stderr), 130 SIGINT, 143 SIGTERM (with the resume hint). Warnings are one ``warning:`` line each."""
+    import signal
+    import threading
+
+    torch_threads()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if in_main_thread else {}
+    old_show = warnings.showwarning
+    warnings.showwarning = _one_line_warning
+    _signals.clear()
+    try:
+        try:
+            rv = app.main(args=argv, standalone_mode=False, prog_name="delsketch")
+            return rv if isinstance(rv, int) and rv else 0
+        except BaseException as e:  # noqa: BLE001 - mapped to an exit status below, or re-raised
+            return _exit_status(e)
+    finally:
+        warnings.showwarning = old_show
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _exit_status(e: BaseException) -> int:
+    """Report ``e`` as one ``error:`` line and return the exit status; exceptions that are not a user-facing
+    failure (programming errors) are re-raised with their traceback."""
+    import signal
+
+    from safetensors import SafetensorError
+
     from ..sketch import SketchError
     from ..series import SeriesDomainError, UnsupportedOpError
     from ..training import NonFiniteError
 
-    torch_threads()
-    try:
-        rv = app.main(args=argv, standalone_mode=False, prog_name="delsketch")
-        if isinstance(rv, int) and rv:
-            return rv
-    except click.exceptions.Exit as e:
+    def fail(msg: str, code: int = 2) -> int:
+        msg = msg.strip()
+        sys.stderr.write(f"error: {msg.splitlines()[0] if msg else 'failed'}\n")
+        return code
+
+    if signal.SIGTERM in _signals or isinstance(e, Terminated):
+        return fail(f"terminated by SIGTERM ({RESUME_HINT})", 143)
+    if _signals or isinstance(e, (click.exceptions.Abort, KeyboardInterrupt)):
+        return fail(f"interrupted ({RESUME_HINT})", 130)
+    if isinstance(e, click.exceptions.Exit):
         return e.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        sys.stderr.write("error: interrupted (a sketch resumes where it stopped: run the same command again)\n")
-        return 130
-    except click.UsageError as e:
-        msg = e.format_message().replace("\n", " ")
-        sys.stderr.write(f"error: {msg}\n")
-        return 2
-    except click.ClickException as e:
-        sys.stderr.write(f"error: {e.format_message()}\n")
-        return 2
-    except (CliError, SketchError, ValueError, FileNotFoundError) as e:
-        sys.stderr.write(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
-        return 2
-    except (UnsupportedOpError, SeriesDomainError, NonFiniteError) as e:
-        sys.stderr.write(f"error: {str(e).splitlines()[0]}\n")
-        return 1
-    return 0
+    if isinstance(e, click.UsageError):
+        return fail(e.format_message().replace("\n", " "))
+    if isinstance(e, click.ClickException):
+        return fail(e.format_message())
+    if isinstance(e, (CliError, SketchError, ValueError, UnsupportedOpError, SeriesDomainError, NonFiniteError)):
+        return fail(str(e) or type(e).__name__)
+    if isinstance(e, OSError):  # read-only filesystem, disk full, a path of the wrong kind, permissions
+        where = f"{e.filename}: " if e.filename else ""
+        return fail(f"{where}{e.strerror or e}")
+    if isinstance(e, SafetensorError):
+        return fail(f"safetensors: {e}")
+    if isinstance(e, MemoryError):
+        return fail("out of memory")
+    raise e
 
 
 def torch_threads() -> None:

@@ -14,7 +14,7 @@ and :class:`Sketch`), ``estimate`` (pure estimators), ``predict`` (the result ty
 ``exact`` (exact series for one set, exact first-order effects).
 """
 
-from .core import FORMAT, Query, SketchError, StabilityWarning, direction, directions, evaluate, query_name, ring_train, weight_series
+from .core import FORMAT, Query, RecoveryWarning, SketchError, StabilityWarning, direction, directions, evaluate, query_name, ring_train, weight_series
 from .estimate import control_variate_adjust, lean_moment, log_binom, median_of_means
 from .exact import SeriesResult, exact_series, first_order
 from .precompute import precompute
@@ -23,7 +23,7 @@ from .stability import stability_report
 from .store import Sketch, SketchConfig, read_manifest
 
 __all__ = [
-    "FORMAT", "Query", "SketchError", "StabilityWarning", "direction", "directions", "evaluate", "query_name",
+    "FORMAT", "Query", "RecoveryWarning", "SketchError", "StabilityWarning", "direction", "directions", "evaluate", "query_name",
     "ring_train", "weight_series", "control_variate_adjust", "lean_moment", "log_binom", "median_of_means",
     "SeriesResult", "exact_series", "first_order", "precompute", "Prediction", "stability_report", "Sketch",
     "SketchConfig", "read_manifest",

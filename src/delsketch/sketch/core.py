@@ -18,6 +18,10 @@ class SketchError(ValueError):
     """A sketch directory is missing, corrupt, or does not match the task."""
 
 
+class RecoveryWarning(UserWarning):
+    """A damaged or unverifiable file of a sketch is being recomputed (the result equals a clean run)."""
+
+
 class StabilityWarning(UserWarning):
     """A prediction goes past the deletion size the stability diagnostics consider safe."""
 

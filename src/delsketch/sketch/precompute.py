@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from .. import series as taylor
-from ..io import atomic_save_tensors, sha256_file, write_json
+from ..io import LockedError, atomic_save_tensors, directory_lock, sha256_file, write_json
 from ..training import Task
-from .core import FORMAT, SketchError, directions, ring_train, weight_series
-from .store import Sketch, SketchConfig, chunk_name, complex_to_real, manifest, read_manifest, real_to_complex
+from .core import FORMAT, RecoveryWarning, SketchError, directions, ring_train, weight_series
+from .store import (Sketch, SketchConfig, chunk_name, complex_to_real, manifest, read_manifest, real_to_complex,
+                    tensor_digest)
 
 def precompute(
     task: Task,
@@ -44,31 +47,39 @@ def precompute(
     machine two workers do about twice the work of one). The workers rebuild the task by calling ``task_factory``
     (a picklable zero-argument callable, e.g. ``delsketch.tasks.factory(spec)``), so it is required then; the numbers are those of ``workers=1`` with one torch thread. The
     workers are spawned, so a script that calls this needs the usual ``if __name__ == "__main__":`` guard.
+
+    Resuming never trusts bytes it cannot verify: a recorded chunk is kept only if it hashes to its manifest
+    record, an unrecorded one (copied in) only if its tensors hash to the digest stored inside it and it holds
+    the right directions; anything else is recomputed with a :class:`RecoveryWarning` (one line), and the
+    result is byte-identical to a clean run. A directory holding the same sketch with fewer directions is
+    grown to ``directions`` (byte-identical to a sketch made at that size); more directions than asked for is
+    an error. A lock (``fcntl.flock`` on ``out/.lock``) makes a second concurrent writer fail at once.
     """
     cfg = SketchConfig(directions=directions, degree=degree, seed=seed, chunk=chunk, steps=steps)
     cfg.validate(task)
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    if workers > 1 and task_factory is None:
+        raise ValueError("workers > 1 needs task_factory (the workers rebuild the task with it); "
+                         "for a task built in Python run chunks in separate processes with only_chunks")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SketchError(f"{out} exists and is not a directory; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        with directory_lock(out):
+            return _build(task, out, cfg, progress, task_spec, task_factory, max_chunks, only_chunks, workers)
+    except LockedError as e:
+        raise SketchError(f"{e}: another precompute is writing this sketch; wait for it or choose another --out") from None
+
+
+def _build(task, out, cfg, progress, task_spec, task_factory, max_chunks, only_chunks, workers) -> "Sketch":
+    """The body of :func:`precompute`, run while holding the directory's lock."""
+    directions, degree, seed, chunk = cfg.directions, cfg.degree, cfg.seed, cfg.chunk
     for stale in out.glob(".*.tmp"):  # left by a killed writer; the files they were for are rewritten
         stale.unlink()
     mpath = out / "manifest.json"
-    chunks: dict[str, dict] = {}
-    base_sha = None
-    if mpath.exists():
-        old = read_manifest(out)
-        mine = manifest(task, cfg, {}, None, task_spec)
-        for key in ("format", "fingerprint", "config", "steps", "n"):
-            if old.get(key) != mine.get(key):
-                raise SketchError(
-                    f"{out} holds a different sketch ({key} differs); choose another --out or delete it"
-                )
-        chunks = old.get("chunks", {})
-        base_sha = old.get("base")
-        # drop chunk records whose files are missing or damaged: they will be recomputed
-        for name in list(chunks):
-            p = out / name
-            if not p.exists() or sha256_file(p) != chunks[name]["sha256"]:
-                del chunks[name]
+    chunks, base_sha, skip = _verified_records(task, out, cfg, task_spec)
     n_steps = cfg.steps if cfg.steps is not None else task.steps
     starts = list(range(0, directions, chunk))
     total = directions * n_steps
@@ -82,23 +93,29 @@ def precompute(
             timings = json.loads(tpath.read_text())
         except ValueError:
             pass
-    if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
-    if workers > 1 and task_factory is None:
-        raise ValueError("workers > 1 needs task_factory (the workers rebuild the task with it); "
-                         "for a task built in Python run chunks in separate processes with only_chunks")
+        if not isinstance(timings, dict) or not isinstance(timings.get("chunks"), dict):
+            timings = {"chunks": {}}
+    bpath = out / "base.safetensors"
+    if base_sha is None and bpath.exists() and not _self_verified(bpath, task.fingerprint())[0]:
+        warnings.warn(f"{bpath}: unrecorded base file that does not prove itself intact: recomputing it "
+                      "(with the first chunk)", RecoveryWarning)
+        bpath.unlink()
     todo: list[tuple[int, int, int]] = []  # (chunk index, first direction, count)
     for ci, j0 in enumerate(starts):
         name = chunk_name(ci)
         if only_chunks is not None and ci not in only_chunks:
             continue
-        if name not in chunks and (out / name).exists():
-            adopted = _adopt_chunk(out / name, j0, min(chunk, directions - j0), seed, task.n)
-            if adopted is not None:
+        adoptable = base_sha is not None or bpath.exists() or ci != 0  # chunk 0 rewrites a missing base
+        if name not in chunks and name not in skip and adoptable and (out / name).exists():
+            adopted = _adopt_chunk(out / name, j0, min(chunk, directions - j0), seed, task)
+            if adopted is None:
+                warnings.warn(f"{out / name}: unrecorded chunk file that does not prove itself intact (its content "
+                              "digest, directions or range differ): recomputing it", RecoveryWarning)
+            else:
                 chunks[name] = adopted
                 done += adopted["count"] * n_steps
-                if base_sha is None and (out / "base.safetensors").exists():
-                    base_sha = sha256_file(out / "base.safetensors")
+                if base_sha is None and bpath.exists():
+                    base_sha = sha256_file(bpath)
                 write_json(mpath, manifest(task, cfg, chunks, base_sha, task_spec))
         if name in chunks:
             continue
@@ -108,9 +125,9 @@ def precompute(
 
     def record(ci: int, j0: int, count: int, base: dict, seconds: float) -> None:
         nonlocal base_sha
-        bpath = out / "base.safetensors"
         if base_sha is None:
-            atomic_save_tensors(bpath, base, {"format": FORMAT})
+            atomic_save_tensors(bpath, base, {"format": FORMAT, "digest": tensor_digest(base),
+                                              "fingerprint": task.fingerprint()})
             base_sha = sha256_file(bpath)
         else:
             stored = load_file(bpath)
@@ -137,8 +154,8 @@ def precompute(
     else:
         _precompute_parallel(task, out, todo, seed, degree, n_steps, task_factory, min(workers, len(todo)),
                              record, lambda d: progress(done + d, total) if progress else None)
-    if not chunks:
-        write_json(mpath, manifest(task, cfg, chunks, base_sha, task_spec))
+    # always (re)write the manifest: a resume repairs fields that were edited but do not change the sketch
+    write_json(mpath, manifest(task, cfg, chunks, base_sha, task_spec))
     return Sketch.load(out, task)
 
 
@@ -157,7 +174,9 @@ def _compute_chunk(task: Task, out: Path, ci: int, j0: int, count: int, seed: in
         c = c.expand(count, *c.shape[1:])
         base[k] = c[0, 0].real.clone()
         tensors[f"param.{k}"] = complex_to_real(c[:, 1:])
-    atomic_save_tensors(out / chunk_name(ci), tensors, {"format": FORMAT, "first": str(j0), "count": str(count)})
+    meta = {"format": FORMAT, "first": str(j0), "count": str(count), "digest": tensor_digest(tensors),
+            "fingerprint": task.fingerprint()}
+    atomic_save_tensors(out / chunk_name(ci), tensors, meta)
     return base, time.perf_counter() - t0
 
 
@@ -227,14 +246,83 @@ def _precompute_parallel(task, out, todo, seed, degree, n_steps, task_factory, w
 
 
 
-def _adopt_chunk(path: Path, first: int, count: int, seed: int, n: int) -> Optional[dict]:
-    """A chunk file computed elsewhere is taken if it parses and holds exactly the directions it should."""
+def _verified_records(task: Task, out: Path, cfg: SketchConfig, task_spec) -> tuple[dict, Optional[str], set]:
+    """What an existing manifest in ``out`` contributes to this run: the chunk records that still hold, the
+    base checksum, and the chunk names whose files must not be adopted (recomputed instead).
+
+    A record holds when its file is present and hashes to the recorded sha256. A chunk whose bytes differ
+    is recomputed (one warning line); a damaged base drops chunk 0 as well, whose recomputation rewrites it.
+    The manifest must describe the same sketch except that it may have fewer directions: then this run
+    grows it (same seed stream), and a partial last chunk is recomputed at its full size."""
+    for name in ("manifest.json", "base.safetensors", "timings.json"):
+        if (out / name).exists() and not (out / name).is_file():
+            raise SketchError(f"{out / name} is not a file; remove it or choose another --out")
+    for i in range(-(-cfg.directions // cfg.chunk)):
+        if (out / chunk_name(i)).exists() and not (out / chunk_name(i)).is_file():
+            raise SketchError(f"{out / chunk_name(i)} is not a file; remove it or choose another --out")
+    if not (out / "manifest.json").exists():
+        return {}, None, set()
+    old = read_manifest(out)
+    mine = manifest(task, cfg, {}, None, task_spec)
+    for key in ("format", "fingerprint", "config", "steps", "n"):
+        a, b = old.get(key), mine.get(key)
+        if key == "config":
+            a, b = {**a, "directions": None}, {**b, "directions": None}
+        if a != b:
+            raise SketchError(f"{out} holds a different sketch ({key} differs); choose another --out or delete it")
+    stored = old["config"]["directions"]
+    if stored > cfg.directions:
+        raise SketchError(f"{out} holds a sketch of {stored} directions, more than the {cfg.directions} asked for; "
+                          f"a sketch only grows: ask for {stored} or more, or choose another --out")
+    chunks, skip = {}, set()
+    for name, rec in sorted(old["chunks"].items()):
+        p = out / name
+        if rec["count"] != min(cfg.chunk, cfg.directions - rec["first"]):
+            skip.add(name)  # the partial last chunk of a smaller sketch: recomputed at its full size
+        elif not p.exists():
+            warnings.warn(f"{p}: recorded chunk file is missing: recomputing it", RecoveryWarning)
+        elif sha256_file(p) != rec["sha256"]:
+            skip.add(name)
+            warnings.warn(f"{p}: bytes differ from the checksum in the manifest: recomputing it", RecoveryWarning)
+        else:
+            chunks[name] = rec
+    base_sha = old.get("base")
+    bpath = out / "base.safetensors"
+    if base_sha is not None and (not bpath.exists() or sha256_file(bpath) != base_sha):
+        warnings.warn(f"{bpath}: missing or differs from the checksum in the manifest: recomputing it "
+                      "(with the first chunk)", RecoveryWarning)
+        base_sha = None
+        bpath.unlink(missing_ok=True)
+        chunks.pop(chunk_name(0), None)
+        skip.add(chunk_name(0))
+    return chunks, base_sha, skip
+
+
+def _self_verified(path: Path, fingerprint: str) -> tuple[bool, dict, dict]:
+    """(intact, metadata, tensors) of a file written by this module: intact when its tensors hash to the
+    digest stored inside it at write time and it was written for the task with this fingerprint."""
     try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("delsketch", "{}"))
         t = load_file(path)
-        psi = real_to_complex(t["psi"])
     except Exception:
+        return False, {}, {}
+    ok = isinstance(meta, dict) and meta.get("format") == FORMAT and meta.get("digest") == tensor_digest(t)
+    ok = ok and meta.get("fingerprint") == fingerprint
+    return ok, meta, t
+
+
+def _adopt_chunk(path: Path, first: int, count: int, seed: int, task: Task) -> Optional[dict]:
+    """A chunk file with no record here (computed elsewhere, e.g. with ``only_chunks``, and copied in) is
+    adopted only if it proves itself intact: the tensors hash to the digest stored inside the file when it was
+    written, and it holds exactly the directions and range it should. Anything else is recomputed."""
+    ok, meta, t = _self_verified(path, task.fingerprint())
+    n = task.n
+    if not ok or "psi" not in t:
+        return None
+    psi = real_to_complex(t["psi"])
+    if (meta.get("first"), meta.get("count")) != (str(first), str(count)):
         return None
     if psi.shape != (count, n) or not torch.equal(psi, directions(seed, range(first, first + count), n)):
         return None
     return {"first": first, "count": count, "sha256": sha256_file(path)}
-

@@ -7,18 +7,26 @@ Layout of a sketch directory::
     base.safetensors        degree-0 parameters (= plain training), stored once
     chunk-00000.safetensors psi and degree 1..k coefficients of every parameter, for a range of directions
     timings.json            wall times (kept out of the manifest so files are reproducible byte for byte)
+
+Every safetensors file carries, in its one metadata entry, the digest of its tensors (:func:`tensor_digest`) and
+the task's fingerprint, so a file can prove it is intact without a manifest record. The manifest is checked
+against a schema (:func:`validate_manifest`) before any field is used, and the stored tensors' names and shapes
+against the manifest (:func:`check_headers`) on load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from .. import series as taylor
@@ -57,6 +65,8 @@ class SketchConfig:
             raise ValueError(f"directions must be at least 1, got {self.directions}")
         if not 1 <= self.degree <= 100:
             raise ValueError(f"degree must lie in [1, 100], got {self.degree}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be at least 0, got {self.seed}")
         if self.chunk < 1:
             raise ValueError(f"chunk must be at least 1, got {self.chunk}")
         if self.steps is not None and not 0 <= self.steps <= task.steps:
@@ -82,16 +92,116 @@ def manifest(task: Task, cfg: SketchConfig, chunks: dict, base_sha: Optional[str
 
 
 def read_manifest(path: Path) -> dict:
+    """The manifest of the sketch in directory ``path``, checked against :func:`validate_manifest`."""
     mpath = Path(path) / "manifest.json"
     if not mpath.exists():
         raise SketchError(f"{path}: no sketch here (manifest.json not found)")
+    if not mpath.is_file():
+        raise SketchError(f"{mpath}: not a file")
     try:
         man = json.loads(mpath.read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise SketchError(f"{mpath}: manifest is not valid JSON ({e.__class__.__name__})") from None
     if not isinstance(man, dict) or man.get("format") != FORMAT:
         raise SketchError(f"{mpath}: not a delsketch sketch manifest (format {man.get('format') if isinstance(man, dict) else None!r})")
+    validate_manifest(man, mpath)
     return man
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_CHUNK = re.compile(r"chunk-(\d{5})\.safetensors")
+
+
+def _is_int(x, lo: Optional[int] = None, hi: Optional[int] = None) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and (lo is None or x >= lo) and (hi is None or x <= hi)
+
+
+def validate_manifest(man: dict, where: Union[str, Path] = "manifest.json") -> None:
+    """The schema of a manifest, checked before any field is used: the type and range of every field the
+    library reads, and that every chunk record covers exactly the directions its index implies (an edited
+    ``first`` or ``count`` is refused). Raises :class:`SketchError` naming the first bad field."""
+
+    def bad(field: str, why: str):
+        raise SketchError(f"{where}: invalid manifest: {field} {why}")
+
+    for key, typ in (("fingerprint", str), ("n", int), ("steps", int), ("config", dict), ("params", dict),
+                     ("chunks", dict)):
+        if key not in man:
+            bad(key, "is missing")
+        if not isinstance(man[key], typ) or isinstance(man[key], bool):
+            bad(key, f"must be {typ.__name__}, not {type(man[key]).__name__}")
+    if not _is_int(man["n"], 1):
+        bad("n", "must be at least 1")
+    if not _is_int(man["steps"], 0):
+        bad("steps", "must be at least 0")
+    if man.get("task_spec") is not None and not isinstance(man["task_spec"], dict):
+        bad("task_spec", "must be an object or null")
+    cfg = man["config"]
+    for key, lo, hi in (("directions", 1, None), ("degree", 1, 100), ("seed", None, None), ("chunk", 1, None)):
+        if not _is_int(cfg.get(key), lo, hi):
+            bad(f"config.{key}", f"must be an integer{'' if lo is None else f' >= {lo}'}{'' if hi is None else f' and <= {hi}'}")
+    if cfg.get("steps") is not None and not _is_int(cfg["steps"], 0):
+        bad("config.steps", "must be null or an integer >= 0")
+    if set(cfg) != {"directions", "degree", "seed", "chunk", "steps"}:
+        bad("config", f"has unexpected keys {sorted(set(cfg) - {'directions', 'degree', 'seed', 'chunk', 'steps'})}")
+    for k, shape in man["params"].items():
+        if not isinstance(shape, list) or not all(_is_int(d, 0) for d in shape):
+            bad(f"params.{k}", "must be a list of sizes")
+    if man.get("base") is not None and not (isinstance(man["base"], str) and _HEX64.fullmatch(man["base"])):
+        bad("base", "must be null or a sha256 hex digest")
+    if man["chunks"] and man.get("base") is None:
+        bad("base", "is missing although chunks are recorded")
+    M, C = cfg["directions"], cfg["chunk"]
+    for name, rec in man["chunks"].items():
+        mt = _CHUNK.fullmatch(name)
+        if mt is None:
+            bad(f"chunks.{name}", "is not a chunk file name")
+        if not isinstance(rec, dict) or set(rec) != {"first", "count", "sha256"}:
+            bad(f"chunks.{name}", "must hold exactly first, count and sha256")
+        first = int(mt.group(1)) * C
+        if first >= M or rec["first"] != first or not _is_int(rec["first"]):
+            bad(f"chunks.{name}.first", f"must be {first} (chunk index x chunk size, below {M} directions)")
+        if rec["count"] != min(C, M - first) or not _is_int(rec["count"]):
+            bad(f"chunks.{name}.count", f"must be {min(C, M - first)}")
+        if not (isinstance(rec["sha256"], str) and _HEX64.fullmatch(rec["sha256"])):
+            bad(f"chunks.{name}.sha256", "must be a sha256 hex digest")
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of ``tensors`` (in name order): stored inside every chunk
+    file, so that a chunk computed elsewhere (with no manifest record here) can still prove it is intact."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].contiguous()
+        h.update(f"{k}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _header(path: Path) -> tuple[dict[str, list[int]], dict]:
+    """Tensor shapes and metadata of a safetensors file, without reading the data."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}, (f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error type for any malformed header
+        raise SketchError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+
+
+def check_headers(path: Path, man: dict) -> None:
+    """Every stored tensor has the name and shape the manifest implies (the manifest itself carries no
+    checksum, so an edited degree, n or parameter shape is caught here, before any arithmetic)."""
+    params, K, n = man["params"], man["config"]["degree"], man["n"]
+    shapes, _ = _header(path / "base.safetensors")
+    if shapes != {k: list(v) for k, v in params.items()}:
+        raise SketchError(f"{path / 'base.safetensors'}: tensors do not match the manifest's parameters")
+    for name, rec in sorted(man["chunks"].items()):
+        want = {"psi": [rec["count"], n, 2]}
+        want.update({f"param.{k}": [rec["count"], K, *v, 2] for k, v in params.items()})
+        shapes, _ = _header(path / name)
+        if shapes != want:
+            diff = sorted(k for k in set(shapes) | set(want) if shapes.get(k) != want.get(k))
+            raise SketchError(f"{path / name}: tensor {diff[0]} is {shapes.get(diff[0])}, the manifest implies "
+                              f"{want.get(diff[0])}")
 
 
 class Sketch:
@@ -120,6 +230,8 @@ class Sketch:
                 f"{path}: sketch was built for other data or another config{which} (fingerprint "
                 f"{str(man.get('fingerprint'))[:12]} != {fp[:12]})"
             )
+        if man["n"] != task.n:
+            raise SketchError(f"{path}: sketch has n = {man['n']} training examples, the task {task.n}")
         if not man.get("chunks"):
             raise SketchError(f"{path}: sketch has no completed chunks; run the precompute again to resume")
         cfg = man["config"]
@@ -140,8 +252,11 @@ class Sketch:
             p = path / f
             if not p.exists():
                 raise SketchError(f"{p}: file missing from the sketch")
+            if not p.is_file():
+                raise SketchError(f"{p}: not a file")
             if sha256_file(p) != sha:
                 raise SketchError(f"{p}: checksum mismatch (file corrupted or truncated)")
+        check_headers(path, man)
         return cls(path, man, task)
 
     @property

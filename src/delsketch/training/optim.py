@@ -354,6 +354,19 @@ class Adam(Optimizer):
         return g
 
     def step(self, params: Params, grads: Params, state: dict[str, Any], step: int):
+        from ..series import SeriesDomainError
+
+        try:
+            return self._step(params, grads, state, step)
+        except SeriesDomainError as e:
+            if self.eps_inside_sqrt:
+                raise
+            raise SeriesDomainError(
+                f"{e}; standard Adam takes sqrt of a second moment that is exactly zero where a gradient is zero "
+                f"(ReLU, unused rows): use {type(self).__name__}(..., eps_inside_sqrt=True) (the paper's variant) "
+                "for ring runs") from None
+
+    def _step(self, params: Params, grads: Params, state: dict[str, Any], step: int):
         _check_keys(params, grads)
         b1, b2 = self.betas
         lr_t = self.lr_at(step)
