@@ -165,10 +165,13 @@ class Task:
         for t in self.data or ():
             _hash_tensors(data, {"": t})
         model = hashlib.sha256(repr(self.model).encode() if self.model is not None else b"")
-        _hash_tensors(model, self.init_params())
+        init = self.init_params()
+        _hash_tensors(model, init)
         state_dict = getattr(self.model, "state_dict", None)
         if callable(state_dict):
-            _hash_tensors(model, state_dict())
+            # the module's own values of the parameters passed in explicitly are never used (and a preset's
+            # module holds whatever torch's global generator gave it): only its other state counts
+            _hash_tensors(model, {k: v for k, v in state_dict().items() if k not in init})
         recipe = hashlib.sha256(json.dumps(
             {k: v for k, v in self.describe().items() if k != "model"}, sort_keys=True, default=str).encode())
         recipe.update(json.dumps(self.schedule, separators=(",", ":")).encode())
