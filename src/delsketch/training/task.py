@@ -213,8 +213,8 @@ def describe_callable(fn: Any) -> str:
         fn = type(fn)
     try:
         parts.append(inspect.getsource(fn))
-    except (OSError, TypeError):
-        pass
+    except Exception:  # no source (OSError, TypeError), or linecache found an unrelated file of the same name and
+        pass  # tokenizing it failed (tokenize.TokenError, SyntaxError): the qualified name stands alone
     return "\n".join(parts)
 
 
