@@ -32,7 +32,7 @@ def _pred(out: str, k: int = 0) -> dict:
 
 
 def test_predict_json_keys(sketch_dir, capsys):
-    rc, out, _ = run(capsys, "predict", str(sketch_dir), "--delete", "0:10,15", "--query", "test:5", "--json")
+    rc, out, _ = run(capsys, "predict", str(sketch_dir), "--method", "sketch", "--delete", "0:10,15", "--query", "test:5", "--json")
     assert rc == 0
     obj = _pred(out)
     for k in ["schema", "method", "output", "estimate", "base", "change", "stderr", "terms", "directions", "degree",
@@ -41,14 +41,14 @@ def test_predict_json_keys(sketch_dir, capsys):
     assert obj["directions"] == 24 and obj["degree"] == 2 and obj["shape"] == [] and obj["sets"] == 1
     assert len(obj["estimate"]) == 1 and len(obj["terms"][0]) == 3 and obj["deletion_sizes"] == [11]
     assert obj["method"] == "sketch"
-    rc, out, _ = run(capsys, "predict", str(sketch_dir), "--delete", "class:3", "--query", "test:5", "--query", "test:mean", "--json")
+    rc, out, _ = run(capsys, "predict", str(sketch_dir), "--method", "sketch", "--delete", "class:3", "--query", "test:5", "--query", "test:mean", "--json")
     assert rc == 0 and [o["output"] for o in json.loads(out)["predictions"]] == ["test:5", "test:mean"]
 
 
 def test_predict_degree_and_control_variates(sketch_dir, capsys):
     """--degree truncates (the degree-1 estimate is the degree-2 one minus its degree-2 term); --control-variates
     is recorded and keeps the per-degree terms; a degree above the sketch's is a one-line exit-2 error."""
-    args = ["predict", str(sketch_dir), "--delete", "0:10", "--query", "test:5", "--json"]
+    args = ["predict", str(sketch_dir), "--method", "sketch", "--delete", "0:10", "--query", "test:5", "--json"]
     full = _pred(run(capsys, *args)[1])
     rc, out, _ = run(capsys, *args, "--degree", "1")
     low = _pred(out)
@@ -65,7 +65,7 @@ def test_predict_by_degree(sketch_dir, capsys):
     """--by-degree prints one row per degree >= 1 with the JSON's by_degree numbers; without it, a note about
     degree 1 appears exactly when the full-degree stderr is more than twice the degree-1 stderr."""
     for spec in ("0:5", "0:250"):
-        args = ["predict", str(sketch_dir), "--delete", spec, "--query", "test:5"]
+        args = ["predict", str(sketch_dir), "--method", "sketch", "--delete", spec, "--query", "test:5"]
         obj = _pred(run(capsys, *args, "--json")[1])
         change, se = obj["by_degree_change"][0], obj["by_degree_stderr"][0]
         assert len(change) == 3 and se[2] == pytest.approx(obj["stderr"][0], rel=1e-12)

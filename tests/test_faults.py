@@ -32,7 +32,7 @@ from delsketch.io import directory_lock
 
 SKETCH = ["sketch", "--preset", "digits", "--steps", "3", "--degree", "2", "--chunk", "2", "--seed", "5"]
 M = 6
-PREDICT = ["--delete", "0:3,40", "--query", "test:1", "--json"]
+PREDICT = ["--method", "sketch", "--delete", "0:3,40", "--query", "test:1", "--json"]  # the sketch itself, deterministic
 REPO = Path(__file__).resolve().parents[1]
 
 RESULTS: list[dict] = []

@@ -38,7 +38,7 @@ def _user_task():
 @pytest.fixture(scope="module")
 def user(tmp_path_factory):
     task, Xt, yt = _user_task()
-    sk = precompute(task, tmp_path_factory.mktemp("u") / "sk", directions=96, degree=2, chunk=32, seed=3)
+    sk = precompute(task, tmp_path_factory.mktemp("u") / "sk", directions=96, degree=3, chunk=32, seed=3)
     return task, Xt, yt, sk
 
 
@@ -46,14 +46,14 @@ def test_vector_output_equals_the_scalar_path_element_by_element(user):
     task, Xt, yt, sk = user
     vec = O.losses(task, Xt, yt)
     sets = [[0, 1, 2], [5], list(range(10, 16))]
-    p = sk.predict(vec, sets)
-    assert isinstance(p, Prediction) and p.estimate.shape == (3, 6) and p.terms.shape == (3, 3, 6) and p.sets == 3
+    p = sk.predict(vec, sets, method="sketch")
+    assert isinstance(p, Prediction) and p.estimate.shape == (3, 6) and p.terms.shape == (3, 4, 6) and p.sets == 3
     for j in range(6):
         scalar = lambda params, j=j: task.loss_fn(task.forward(params, Xt[j : j + 1]), yt[j : j + 1])[0]
-        q = sk.predict(scalar, sets)
+        q = sk.predict(scalar, sets, method="sketch")
         for field in ("estimate", "stderr", "median_of_means", "terms", "by_degree_stderr"):
             torch.testing.assert_close(getattr(p, field)[..., j], getattr(q, field), rtol=1e-10, atol=1e-13)
-    one = sk.predict(vec, sets[0])  # one set: no sets axis
+    one = sk.predict(vec, sets[0], method="sketch")  # one set: no sets axis
     assert one.change.shape == (6,) and one.sets is None
     torch.testing.assert_close(one.change, p.change[0], rtol=1e-12, atol=1e-15)
     eff = sk.effects(vec)
@@ -70,7 +70,7 @@ def test_vector_predictions_cover_retraining(user):
     sets = [sorted(rng.sample(range(task.n), rng.randint(1, 4))) for _ in range(20)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", StabilityWarning)
-        p = sk.predict(vec, sets)
+        p = sk.predict(vec, sets, method="sketch")
     truth = torch.stack([vec.flat(retrain(task, D)) for D in sets])  # [20, 6]
     torch.testing.assert_close(p.base, vec.flat(train(task)), rtol=1e-12, atol=1e-14)
     hits = ((p.estimate - truth).abs() <= 3 * p.stderr).to(torch.float64).mean()
@@ -79,14 +79,14 @@ def test_vector_predictions_cover_retraining(user):
 
 def test_dict_output_parameters_against_the_exact_series(user):
     """The parameters themselves as an output: every field is a dict shaped like the parameters, and the
-    prediction centres on the exact degree-2 series along D (mean z-score small, 99 % within 4 s.e.)."""
+    prediction centres on the exact degree-3 series along D (mean z-score small, 99 % within 4 s.e.)."""
     task, _, _, sk = user
     D = [3, 7, 11, 40]
-    p = sk.predict(O.parameters(), D)
+    p = sk.predict(O.parameters(), D, method="sketch")
     shapes = {k: tuple(v.shape) for k, v in task.init_params().items()}
     assert {k: tuple(v.shape) for k, v in p.change.items()} == shapes
-    assert {k: tuple(v.shape) for k, v in p.terms.items()} == {k: (3, *s) for k, s in shapes.items()}
-    ex = exact_series(task, D, 2, O.parameters())
+    assert {k: tuple(v.shape) for k, v in p.terms.items()} == {k: (4, *s) for k, s in shapes.items()}
+    ex = exact_series(task, D, 3, O.parameters())
     z = torch.cat([((p.estimate[k] - ex.value_at_1[k]) / p.stderr[k]).reshape(-1) for k in shapes])
     assert (z.abs() < 4).to(torch.float64).mean() > 0.99 and abs(float(z.mean())) < 0.5
     for k in shapes:  # degree 0 is the trained model itself, exactly
@@ -138,7 +138,7 @@ def test_one_warning_per_call_not_per_set(user):
     big = [list(range(k, k + 50)) for k in range(5)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        p = sk.predict(O.losses(task, Xt, yt), big)
+        p = sk.predict(O.losses(task, Xt, yt), big, method="sketch")
     msgs = [str(w.message) for w in caught if issubclass(w.category, StabilityWarning)]
     safe = torch.as_tensor(sk.stability(O.losses(task, Xt, yt), elements=True)["safe_deletion_size"])
     if bool((safe < 50).any()):
@@ -149,15 +149,15 @@ def test_one_warning_per_call_not_per_set(user):
 
 def test_json_is_strict_and_always_has_a_sets_axis(user, tmp_path):
     task, Xt, yt, sk = user
-    p = sk.predict(O.losses(task, Xt, yt), [1, 2]).to_json()
-    q = sk.predict(O.losses(task, Xt, yt), [[1, 2], [3]]).to_json()
+    p = sk.predict(O.losses(task, Xt, yt), [1, 2], method="sketch").to_json()
+    q = sk.predict(O.losses(task, Xt, yt), [[1, 2], [3]], method="sketch").to_json()
     for obj in (p, q):
         json.dumps(obj, allow_nan=False)
         assert obj["schema"] == "delsketch-prediction/1" and obj["shape"] == [6]
     assert p["sets"] == 1 and len(p["change"]) == 1 and len(p["change"][0]) == 6 and len(p["base"]) == 6
     assert q["sets"] == 2 and q["deletion_sizes"] == [2, 1]
     lone = precompute(task, tmp_path / "one", directions=1, degree=1, seed=0)
-    r = lone.predict(O.losses(task, Xt, yt), [1]).to_json()
+    r = lone.predict(O.losses(task, Xt, yt), [1], method="sketch").to_json()
     json.dumps(r, allow_nan=False)
     assert r["stderr"] == [[None] * 6] and "stderr" in r["nulls"] and any("one direction" in n for n in r["notes"])
 
@@ -209,12 +209,12 @@ def test_cli_task_file_round_trip(tmp_path):
     py = precompute(task, tmp_path / "py-sketch", directions=8, degree=2, chunk=4, seed=0, task_spec={"task": ref})
     for name in ("base.safetensors", "chunk-00000.safetensors", "chunk-00001.safetensors"):
         assert (d / name).read_bytes() == (tmp_path / "py-sketch" / name).read_bytes()
-    r = _cli("predict", str(d), "--delete", "0:3", "--query", "test_losses", "--query", "test_loss", "--json")
+    r = _cli("predict", str(d), "--method", "sketch", "--delete", "0:3", "--query", "test_losses", "--query", "test_loss", "--json")
     assert r.returncode == 0, r.stderr
     obj = json.loads(r.stdout, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
     a, b = obj["predictions"]
     assert a["shape"] == [5] and b["shape"] == [] and a["output"] == "test_losses"
-    want = Sketch.load(d, task).predict("test_losses", [0, 1, 2])
+    want = Sketch.load(d, task).predict("test_losses", [0, 1, 2], method="sketch")
     assert a["change"][0] == pytest.approx(want.change.tolist(), rel=1e-12)
     r = _cli("predict", str(d), "--delete", "0:3", "--query", "nope")
     assert r.returncode == 2 and r.stderr.startswith("error:") and "test_losses" in r.stderr

@@ -91,13 +91,13 @@ def test_fig3_against_sketch_predict(fig2_json, out_dir, task, deletions, capsys
     assert res["config"]["directions"] == 16 and res["config"]["degree"] == 3
 
     sk = Sketch.load(out_dir / "fig3-sketch", task)
-    p1 = sk.predict("max", deletions, weight=1.0)
+    p1 = sk.predict("max", deletions, weight=1.0, method="sketch")
     a = res["at_1"]
     assert a["estimate"] == pytest.approx(float(p1.estimate), rel=1e-12)
     assert a["stderr"] == pytest.approx(float(p1.stderr), rel=1e-12)
     assert a["median_of_means"] == pytest.approx(float(p1.median_of_means), rel=1e-12)
     assert a["terms"] == pytest.approx(p1.terms.tolist(), rel=1e-12)
-    p = sk.predict("max", deletions, weight=0.3)
+    p = sk.predict("max", deletions, weight=0.3, method="sketch")
     assert res["curve"]["estimate"][30] == pytest.approx(float(p.estimate), rel=1e-12)
     assert res["curve"]["stderr"][30] == pytest.approx(float(p.stderr), rel=1e-12)
     assert res["curve"]["estimate"][0] == pytest.approx(fig2_json["series"]["coefficients"][0], rel=1e-12)

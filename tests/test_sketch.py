@@ -46,7 +46,7 @@ def test_unbiased_against_exact_series(task, big_sketch):
         ser = exact_series(task, D, 3, QUERIES)  # the list stacked: coefficients [K, len(QUERIES)]
         exact = {q: ser.coefficients[:, j].tolist() for j, q in enumerate(QUERIES)}
         for q in QUERIES:
-            p = big_sketch.predict(q, D)
+            p = big_sketch.predict(q, D, method="sketch")
             assert p.terms[0] == pytest.approx(exact[q][0], rel=1e-12)
             for r in range(1, 4):
                 z = (p.terms[r] - exact[q][r]) / p.term_stderr[r]
@@ -63,19 +63,19 @@ def test_by_degree_equals_the_truncated_predictions(task, big_sketch):
     rng = random.Random(3)
     D = sorted(rng.sample(range(task.n), 30))
     for cv in (False, True):
-        p = big_sketch.predict("test:mean", D, control_variates=cv)
+        p = big_sketch.predict("test:mean", D, control_variates=cv, method="sketch")
         assert p.by_degree_change.shape == p.by_degree_stderr.shape == (4,)
         assert float(p.by_degree_change[3]) == pytest.approx(float(p.change), rel=1e-12, abs=1e-15)
         assert float(p.by_degree_stderr[3]) == pytest.approx(float(p.stderr), rel=1e-12)
         for r in range(4):
-            q = big_sketch.predict("test:mean", D, degree=r, control_variates=cv)
+            q = big_sketch.predict("test:mean", D, degree=r, control_variates=cv, method="sketch")
             assert float(p.by_degree_change[r]) == pytest.approx(float(q.change), rel=1e-10, abs=1e-14), (cv, r)
             if r > 0:
                 assert float(p.by_degree_stderr[r]) == pytest.approx(float(q.stderr), rel=1e-10), (cv, r)
     w = torch.zeros(1, task.n, dtype=torch.float64)
     w[0, D] = 1.0
     t = big_sketch.per_direction_terms("test:mean", w)[0, :, :, 0].numpy()  # [m, 4]
-    p = big_sketch.predict("test:mean", D)
+    p = big_sketch.predict("test:mean", D, method="sketch")
     for r in range(1, 4):
         est = t[:, : r + 1].sum(1)
         assert float(p.by_degree_stderr[r]) == pytest.approx(est.std(ddof=1) / np.sqrt(len(est)), rel=1e-10)
@@ -91,7 +91,7 @@ def test_predictions_cover_retraining(task, big_sketch):
         D = sorted(rng.sample(range(task.n), rng.randint(1, 8)))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", StabilityWarning)
-            p = big_sketch.predict("test:mean", D)
+            p = big_sketch.predict("test:mean", D, method="sketch")
         truth = float(task.query(retrain(task, D), "test:mean"))
         assert p.base == pytest.approx(base, rel=1e-12)
         hits += abs(p.estimate - truth) <= 3 * p.stderr
@@ -104,7 +104,7 @@ def test_partial_and_upweighting(task, big_sketch, weight):
     the weight-0.5 prediction sits 3.6 s.e. from the truth: its degree-1 estimate drew a 2.8-sigma deviation
     (other seeds give |z| < 0.5), and the exact degree-3 series is within 0.0003 of the retrained value."""
     D = task.select("class:7")[:6]
-    p = big_sketch.predict("test:mean", D, weight=weight)
+    p = big_sketch.predict("test:mean", D, weight=weight, method="sketch")
     truth = float(task.query(retrain(task, D, weight=weight), "test:mean"))
     assert abs(p.estimate - truth) <= 4 * p.stderr
     exact = exact_series(task, D, 3, "test:mean", weight=weight)
@@ -113,17 +113,17 @@ def test_partial_and_upweighting(task, big_sketch, weight):
 
 def test_vectorized_predict_and_effects(task, big_sketch):
     sets = [[1, 2], [5], [7, 8, 9]]
-    grid = big_sketch.predict(QUERIES[:2], sets)  # one Prediction: fields [len(sets), len(queries)]
+    grid = big_sketch.predict(QUERIES[:2], sets, method="sketch")  # one Prediction: fields [len(sets), len(queries)]
     assert grid.estimate.shape == (3, 2) and grid.terms.shape == (3, 4, 2) and grid.deletion_size == [2, 1, 3]
     for qi, q in enumerate(QUERIES[:2]):
         for si, D in enumerate(sets):
-            single = big_sketch.predict(q, D)
+            single = big_sketch.predict(q, D, method="sketch")
             assert float(grid.estimate[si, qi]) == pytest.approx(float(single.estimate), rel=1e-12)
             assert float(grid.stderr[si, qi]) == pytest.approx(float(single.stderr), rel=1e-12)
     eff = big_sketch.effects(QUERIES[:2])
     assert eff.shape == (task.n, 2)
     for i in (0, 5, 42):
-        assert float(eff[i, 1]) == pytest.approx(float(big_sketch.predict(QUERIES[1], [i]).change), rel=1e-9, abs=1e-14)
+        assert float(eff[i, 1]) == pytest.approx(float(big_sketch.predict(QUERIES[1], [i], method="sketch").change), rel=1e-9, abs=1e-14)
 
 
 def test_stability_report(big_sketch):
@@ -142,7 +142,7 @@ def test_predict_warns_past_the_safe_size(task, big_sketch):
     if len(big) <= safe:
         pytest.skip("the whole training set is within the safe size")
     with pytest.warns(StabilityWarning, match="1 of 1 deletion set exceed"):
-        big_sketch.predict("test:mean", big)
+        big_sketch.predict("test:mean", big, method="sketch")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,8 +239,8 @@ def test_chunks_built_separately_assemble_to_the_same_sketch(task, small, tmp_pa
 
 def test_predict_tolerance_sets_the_safe_size(big_sketch):
     D = [1, 2, 3]
-    tight = big_sketch.predict("test:mean", D, tolerance=1e-6).safe_deletion_size
-    loose = big_sketch.predict("test:mean", D, tolerance=0.5).safe_deletion_size
+    tight = big_sketch.predict("test:mean", D, tolerance=1e-6, method="sketch").safe_deletion_size
+    loose = big_sketch.predict("test:mean", D, tolerance=0.5, method="sketch").safe_deletion_size
     assert tight == big_sketch.stability("test:mean", tolerance=1e-6)["safe_deletion_size"]
     assert tight < loose
 
@@ -307,8 +307,8 @@ def test_control_variates_stay_unbiased(task, big_sketch):
         ser = exact_series(task, D, 3, QUERIES)
         exact = {q: ser.coefficients[:, j].tolist() for j, q in enumerate(QUERIES)}
         for q in QUERIES:
-            plain = big_sketch.predict(q, D)
-            cv = big_sketch.predict(q, D, control_variates=True)
+            plain = big_sketch.predict(q, D, method="sketch")
+            cv = big_sketch.predict(q, D, control_variates=True, method="sketch")
             assert torch.equal(cv.terms, plain.terms)
             z = (cv.estimate - sum(exact[q])) / cv.stderr
             assert abs(z) < 4, (q, cv.estimate, sum(exact[q]), cv.stderr)

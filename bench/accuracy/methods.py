@@ -144,6 +144,6 @@ def check_predict(bt, directory: Path, sc: dict, sets: list[list[int]], m_total:
     worst = 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        p = S.predict(bt.queries, sets)  # fields [len(sets), Q]
+        p = S.predict(bt.queries, sets, method="sketch")  # fields [len(sets), Q]
     worst = max(float((p.change.numpy() - mine).__abs__().max()), float((p.stderr.numpy() - mine_se).__abs__().max()))
     return worst

@@ -32,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from delsketch import precompute  # noqa: E402
+from delsketch.io import jsonable  # noqa: E402
 from delsketch.sketch import first_order  # noqa: E402
 from delsketch.tasks import load_task_file  # noqa: E402
 from delsketch.training import retrain, train  # noqa: E402
@@ -104,7 +105,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--variant", default="fullbatch", choices=["fullbatch", "adam"])
     ap.add_argument("--directions", type=int, default=64)
-    ap.add_argument("--degree", type=int, default=2)
+    ap.add_argument("--degree", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default=None)
     ap.add_argument("--sketch-dir", default=None, help="keep the sketch here (resumable) instead of a temp dir")
@@ -143,16 +144,27 @@ def main(argv=None):
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        p = sk.predict(test_losses, sets)
+        p = sk.predict(test_losses, sets, method="sketch")
     res["predict_s_all_sets_all_outputs"] = time.perf_counter() - t0
     res["predict_warnings"] = sorted({str(w.message) for w in caught})
     preds[f"sketch degree {a.degree}"] = (p.change.numpy(), p.stderr.numpy())
     for r in range(1, a.degree):
         preds[f"sketch degree {r}"] = (p.by_degree_change[:, r].numpy(), p.by_degree_stderr[:, r].numpy())
     t0 = time.perf_counter()
-    p2 = sk.predict(test_losses, sets)
+    p2 = sk.predict(test_losses, sets, method="sketch")
     res["predict_s_again_cached"] = time.perf_counter() - t0
     assert torch.equal(p2.change, p.change)
+
+    for name, kw in (("auto (default budget)", {}), ("first_order+sketch (auto over budget)", {"budget_s": 0})):
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q = sk.predict(test_losses, sets, **kw)
+        res[f"{name} s"] = time.perf_counter() - t0
+        res[f"{name} method"] = q.method
+        preds[name] = (q.change.numpy(), q.stderr.numpy())
+        if q.chosen_degree is not None:
+            res[f"{name} chosen degrees"] = {str(r): int((q.chosen_degree == r).sum()) for r in range(1, a.degree + 1)}
 
     t0 = time.perf_counter()
     E = first_order(task, test_losses).numpy()  # [n, P]
@@ -174,7 +186,7 @@ def main(argv=None):
     res["cost_s"] = {"sketch precompute": res["precompute_s"], "first_order (30 outputs)": res["first_order_s"],
                      "leave-one-out (n retrains)": res["loo_s"], "one retrain": res["retrain_s"]}
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(res, indent=1, allow_nan=False, default=lambda x: None) + "\n")
+    out_path.write_text(json.dumps(jsonable(res), indent=1, allow_nan=False) + "\n")
 
     print(f"{a.variant}: n={task.n}, {task.steps} steps, {len(sets)} deletion sets x {own.N_OUTPUTS} outputs; "
           f"torch-loop difference {res['torch_loop_max_abs_difference']:.2e}")

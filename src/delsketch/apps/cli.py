@@ -298,15 +298,29 @@ def resolve_outputs(task, queries: list[str]) -> list:
 @click.option("--control-variates", "control", is_flag=True,
               help="remove the scatter explained by each direction's lean towards D (unbiased; smaller error bars)")
 @click.option("--by-degree", "by_degree", is_flag=True,
-              help="also show the change and its stderr truncated at every degree (bias vs noise)")
+              help="also show the change and its stderr truncated at every degree (bias vs noise; the sketch's terms)")
+@click.option("--method", default="auto", show_default=True,
+              type=click.Choice(["auto", "sketch", "first_order+sketch", "first_order", "loo_sum", "exact", "retrain"]),
+              help="auto: retrain when every set retrains within --budget, else exact first order + the sketch's "
+                   "higher terms; the answer says which method it used")
+@click.option("--budget", "budget_s", type=float, default=30.0, show_default=True,
+              help="seconds of retraining auto may spend to answer exactly")
 @json_option
-def predict(sketch_dir, delete, weight, query, delta, degree, control, by_degree, json_out):
+def predict(sketch_dir, delete, weight, query, delta, degree, control, by_degree, method, budget_s, json_out):
     """Predict outputs after deleting (or reweighting) a set of training examples.
 
     JSON: {"predictions": [one object per --query, see delsketch.sketch.Prediction.to_json]}."""
+    import math
+
     if not 0 < delta < 1:
         raise CliError("--delta must lie in (0, 1)")
+    if not (math.isfinite(budget_s) and budget_s >= 0):
+        raise CliError(f"--budget must be a non-negative number of seconds, got {budget_s}")
     check_weight(weight)
+    if method == "auto" and (by_degree or control):
+        method = "sketch"  # the sketch's own terms and control variates: the sketch estimator
+    if by_degree and method != "sketch":
+        raise CliError(f"--by-degree shows the sketch's per-degree terms: use --method sketch, not {method}")
     sk = load_sketch(sketch_dir)
     if degree is not None and not 0 <= degree <= sk.degree:
         raise CliError(f"--degree must lie in [0, {sk.degree}] (the sketch's degree)")
@@ -314,13 +328,15 @@ def predict(sketch_dir, delete, weight, query, delta, degree, control, by_degree
     outs = resolve_outputs(sk.task, list(query))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        preds = [sk.predict(o, idx, weight=weight, delta=delta, degree=degree, control_variates=control) for o in outs]
+        preds = [sk.predict(o, idx, weight=weight, delta=delta, degree=degree, control_variates=control, method=method,
+                            budget_s=budget_s) for o in outs]
     if json_out:
         emit_json({"predictions": [p.to_json() for p in preds]})
         return
     for o, p in zip(outs, preds):
         names = o.element_names()
-        print_rows(f"{p.output}: deleting {len(idx)} examples (weight {weight}), {sk.m} directions, degree {p.degree}"
+        print_rows(f"{p.output}: deleting {len(idx)} examples (weight {weight}); method {p.method}"
+                   + (f", {sk.m} directions, degree {p.degree}" if p.method in ("sketch", "first_order+sketch") else "")
                    + (", control variates" if control else ""),
                    ["output", "base", "estimate", "change", "± stderr", "median of means"], names,
                    [flat_values(getattr(p, f)) for f in ("base", "estimate", "change", "stderr", "median_of_means")])
@@ -335,7 +351,7 @@ def predict(sketch_dir, delete, weight, query, delta, degree, control, by_degree
             print_rows("change truncated at each degree (low degree: truncation bias; high degree: noise)",
                        ["output", "change", "± stderr", "term", "± term stderr"], [r[0] for r in rows],
                        [[r[j] for r in rows] for j in range(1, 5)])
-        elif p.degree > 1:
+        elif p.method == "sketch" and p.degree > 1:
             noisy = [i for i in range(len(names)) if se[p.degree][i] > 2 * se[1][i]]
             if noisy:
                 i = noisy[0]
@@ -343,6 +359,8 @@ def predict(sketch_dir, delete, weight, query, delta, degree, control, by_degree
                 err.print(f"note: {names[i]}: the stderr at degree {p.degree} is {se[p.degree][i] / se[1][i]:.3g}x that at "
                           f"degree 1{more}; degree 1 alone gives {fmt(chg[1][i])} ± {fmt(se[1][i])} but leaves out the "
                           "higher-degree terms (see --by-degree)", soft_wrap=True)
+        for note in p.notes:
+            err.print(f"note: {p.output}: {note}", soft_wrap=True)
     for w in sorted({str(c.message) for c in caught}):
         err.print(f"warning: {w}", soft_wrap=True)
 

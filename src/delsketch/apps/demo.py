@@ -39,7 +39,7 @@ def run_demo(out_dir, directions=64, degree=3, json_out=False, console=None, err
     timings["sketch_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    pred = sk.predict(DEMO_QUERIES, D)  # the queries stacked: fields of shape [len(DEMO_QUERIES)]
+    pred = sk.predict(DEMO_QUERIES, D, method="sketch")  # the queries stacked: fields of shape [len(DEMO_QUERIES)]
     timings["predict_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

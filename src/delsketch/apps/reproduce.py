@@ -321,16 +321,16 @@ def fig3(data, out, directions: int = 500, degree: int = 3, steps: Optional[int]
         sk.coefficients(query)  # cached for the grid below
         for t in T_FINE:
             if t == 0:
-                p = sk.predict(query, D, weight=1.0, degree=0)  # f(0): the trained model, exactly
+                p = sk.predict(query, D, weight=1.0, degree=0, method="sketch")  # f(0): the trained model, exactly
                 est.append(float(p.estimate))
                 se.append(0.0)
                 continue
-            p = sk.predict(query, D, weight=t, delta=delta)
+            p = sk.predict(query, D, weight=t, delta=delta, method="sketch")
             est.append(float(p.estimate))
             se.append(float(p.stderr))
-        at1 = _scalar(sk.predict(query, D, weight=1.0, delta=delta))
-        by_degree = [_scalar(sk.predict(query, D, weight=1.0, degree=r, delta=delta)) for r in range(degree + 1)]
-        grid = [_scalar(sk.predict(query, D, weight=t, delta=delta)) if t > 0 else None for t in T_GRID]
+        at1 = _scalar(sk.predict(query, D, weight=1.0, delta=delta, method="sketch"))
+        by_degree = [_scalar(sk.predict(query, D, weight=1.0, degree=r, delta=delta, method="sketch")) for r in range(degree + 1)]
+        grid = [_scalar(sk.predict(query, D, weight=t, delta=delta, method="sketch")) if t > 0 else None for t in T_GRID]
         stab = sk.stability(query)
     caught_msgs.update(str(w.message) for w in caught)
     predict_s = time.perf_counter() - t0

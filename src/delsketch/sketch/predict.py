@@ -66,6 +66,7 @@ class Prediction:
     warning: Optional[str] = None
     notes: list = field(default_factory=list)
     cost: dict = field(default_factory=dict)
+    chosen_degree: Any = None  # first_order+sketch: the truncation degree used per set and element
 
     @property
     def query(self) -> str:  # the name before outputs of any shape
@@ -73,21 +74,27 @@ class Prediction:
 
     @classmethod
     def exact(cls, out: Output, method: str, base: torch.Tensor, values: torch.Tensor, sets: list, single: bool,
-              weight: float, degree: int = 0, notes: Sequence[str] = (), cost: Optional[dict] = None) -> "Prediction":
-        """The result of a method without sampling noise (``retrain``, ``first_order``, ``exact``): ``base [P]``,
-        ``values [S, P]`` the output after each deletion; ``stderr`` is 0, per-degree fields are NaN (no terms)."""
+              weight: float, degree: int = 0, notes: Sequence[str] = (), cost: Optional[dict] = None,
+              stderr: Optional[torch.Tensor] = None) -> "Prediction":
+        """The result of a method without sampling noise (``retrain``, ``first_order``, ``exact``, ...): ``base
+        [P]``, ``values [S, P]`` the output after each deletion; ``stderr [S, P]`` its error bar: 0 for retraining
+        (exact), NaN (null in JSON) where the method's truncation error is not estimated; per-degree fields NaN."""
         S, P = values.shape
-        zero = torch.zeros(S, P, dtype=torch.float64)
+        if stderr is None:
+            stderr = torch.zeros(S, P, dtype=torch.float64) if method == "retrain" else \
+                torch.full((S, P), float("nan"), dtype=torch.float64)
         nanK = torch.full((S, degree + 1, P), float("nan"), dtype=torch.float64)
         pick = (lambda v: v[0]) if single else (lambda v: v)
         shaped = {k: out.unflatten(pick(v)) for k, v in {
-            "estimate": values, "change": values - base, "stderr": zero, "median_of_means": values, "terms": nanK,
+            "estimate": values, "change": values - base, "stderr": stderr, "median_of_means": values, "terms": nanK,
             "term_stderr": nanK, "by_degree_change": nanK, "by_degree_stderr": nanK}.items()}
         return cls(output=out.name, method=method, base=out.unflatten(base),
                    safe_deletion_size=out.unflatten(torch.full((P,), float("nan"), dtype=torch.float64)),
                    degree=degree, directions=0, deletion_size=len(sets[0]) if single else [len(d) for d in sets],
                    weight=weight, delta=0.0, shape=_shape_json(out), sets=None if single else S,
-                   notes=list(notes) + [f"{method}: no sampling noise (stderr 0); per-degree fields are null"],
+                   notes=list(notes) + ["retraining is exact: stderr 0" if method == "retrain" else
+                                        f"{method}: no sampling noise, truncation error not estimated (stderr null)"
+                                        if bool(torch.isnan(stderr).all()) else f"{method}: see stderr"],
                    cost=dict(cost or {}), **shaped)
 
     def to_json(self) -> dict:
@@ -100,7 +107,8 @@ class Prediction:
         obj["shape"] = self.shape
         obj["sets"] = 1 if self.sets is None else self.sets
         obj["deletion_sizes"] = [self.deletion_size] if self.sets is None else list(self.deletion_size)
-        for k in VALUE_FIELDS:
+        fields = VALUE_FIELDS + (("chosen_degree",) if self.chosen_degree is not None else ())
+        for k in fields:
             v = getattr(self, k)
             if self.sets is None and k not in ("base",):
                 v = _map(v, lambda t: t.unsqueeze(0))
@@ -214,6 +222,9 @@ def predict(
     }
     shaped = {name: out.unflatten(v[0] if single else v) for name, v in fields.items()}
     notes = []
+    if not bool(torch.isfinite(safe).any()):
+        notes.append(f"stability unknown: a degree-{sketch.degree} sketch cannot show whether the Taylor series converges "
+                     "for this deletion (sketch at degree 3 or more for a checked safe size)")
     if m == 1:
         notes.append("stderr is null: one direction gives no spread to estimate it from")
     return Prediction(

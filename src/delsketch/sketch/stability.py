@@ -74,23 +74,33 @@ def stability_report(c: torch.Tensor, n: int, tolerance: float = 0.05, confidenc
             "log2_per_direction": per_dir,
         })
     report: dict[str, Any] = {"degrees": rows, "directions": m, "n": n, "degree": k, "tolerance": tolerance}
-    if k >= 2:
+    if k >= MIN_FIT_DEGREE:
         fit = element_stability(c.reshape(m, K, 1), n, tolerance)
         rho = float(fit["decay_per_degree"][0])
+        typ = float(fit["decay_per_degree_typical"][0])
         report["decay_per_degree"] = rho
         report["log2_decay_per_degree"] = math.log2(rho) if rho > 0 else None
-        report["safe_deletion_size"] = float(fit["safe_deletion_size"][0])
+        report["decay_per_degree_typical"] = typ
+        report["safe_deletion_size"] = safe = float(fit["safe_deletion_size"][0])
         report["safe_deletion_size_worst_case"] = float(fit["safe_deletion_size_worst_case"][0])
-        report["verdict"] = {"stable": "stable: Taylor terms decay geometrically",
-                             "marginal": "marginal: Taylor terms do not clearly decay",
-                             "unstable": "unstable: Taylor terms grow with degree; predictions are unreliable"}[verdict_of(rho)]
+        report["verdict"] = {"stable": "stable: Taylor terms of a single deletion decay geometrically",
+                             "marginal": "marginal: Taylor terms of a single deletion do not clearly decay",
+                             "unstable": "unstable: Taylor terms grow with degree even for a single deletion; "
+                                         "predictions are unreliable"}[verdict_of(typ)] + \
+            f" (typical safe deletion size {safe:.3g} of {n})"
     else:
         report["decay_per_degree"] = None
         report["log2_decay_per_degree"] = None
         report["safe_deletion_size"] = None
         report["safe_deletion_size_worst_case"] = None
-        report["verdict"] = "unknown: a degree-1 sketch cannot show decay"
+        report["verdict"] = (f"unknown: a degree-{k} sketch cannot show a decay (a fit through {k} degree"
+                             f"{'s' if k > 1 else ''} always fits; sketch at degree {MIN_FIT_DEGREE} or more)")
     return report
+
+
+#: the least degree from which a geometric decay is fitted: two degrees always lie on a line, so a degree-2 sketch
+#: would report a "safe" size that nothing has checked (the exact series may diverge well inside it)
+MIN_FIT_DEGREE = 3
 
 
 def _fit(log_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,9 +129,10 @@ def element_stability(c: torch.Tensor, n: int, tolerance: float = 0.05) -> dict:
     (no bootstrap): what :func:`delsketch.sketch.predict.predict` checks every set against."""
     m, K, P = c.shape
     k = K - 1
-    if k < 2:
+    if k < MIN_FIT_DEGREE:
         nan = torch.full((P,), float("nan"), dtype=torch.float64)
-        return {"safe_deletion_size": nan, "safe_deletion_size_worst_case": nan, "decay_per_degree": nan}
+        return {"safe_deletion_size": nan, "safe_deletion_size_worst_case": nan, "decay_per_degree": nan,
+                "decay_per_degree_typical": nan}
     scale = torch.tensor([math.exp(log_binom(n, r)) for r in range(1, K)], dtype=torch.float64)[:, None]
     rms = (c[:, 1:].abs() ** 2).mean(0).sqrt()  # [k, P]
     zero = rms.max(0).values <= 1e-250
@@ -135,6 +146,7 @@ def element_stability(c: torch.Tensor, n: int, tolerance: float = 0.05) -> dict:
         "safe_deletion_size": safe_sizes(A_t, s_t.exp(), k, n, tolerance),
         "safe_deletion_size_worst_case": safe_sizes(A_n, s_n.exp(), k, n, tolerance),
         "decay_per_degree": torch.where(zero, torch.zeros_like(s_n), s_n.exp()),
+        "decay_per_degree_typical": torch.where(zero, torch.zeros_like(s_t), s_t.exp()),
     }
 
 
@@ -152,10 +164,10 @@ def vector_report(c: torch.Tensor, n: int, names: list, tolerance: float = 0.05)
     rep: dict[str, Any] = {"directions": m, "n": n, "degree": K - 1, "tolerance": tolerance, "elements": P,
                            "names": names}
     rep.update({k: v.tolist() for k, v in fit.items()})
-    if K - 1 < 2:
-        rep["verdict"] = "unknown: a degree-1 sketch cannot show decay"
+    if K - 1 < MIN_FIT_DEGREE:
+        rep["verdict"] = f"unknown: a degree-{K - 1} sketch cannot show a decay (sketch at degree {MIN_FIT_DEGREE} or more)"
         return rep
-    rho = fit["decay_per_degree"]
+    rho = fit["decay_per_degree_typical"]
     counts = {v: 0 for v in ("stable", "marginal", "unstable")}
     for r in rho.tolist():
         counts[verdict_of(r)] += 1

@@ -226,6 +226,7 @@ class Sketch:
         self._held = 0
         self._base: Optional[dict[str, torch.Tensor]] = None
         self._psi: Optional[torch.Tensor] = None
+        self._effects: dict = {}  # exact per-example effects (first order, leave-one-out) per output
 
     # -- loading ----------------------------------------------------------------------------------
     @classmethod
@@ -363,10 +364,19 @@ class Sketch:
         return s.abs() ** 2 / (deletions**2).sum(1, keepdim=True)
 
     def predict(self, output, delete, weight: float = 1.0, delta: float = 0.05, degree: Optional[int] = None,
-                tolerance: float = 0.05, control_variates: bool = False):
-        """See :func:`delsketch.sketch.predict.predict`."""
-        return predict_fn(self, output, delete, weight=weight, delta=delta, degree=degree, tolerance=tolerance,
-                          control_variates=control_variates)
+                tolerance: float = 0.05, control_variates: bool = False, method: str = "auto",
+                budget_s: float = 30.0):
+        """The answer to "what would ``output`` be had ``delete`` never been seen?".
+
+        ``method="auto"`` (the default) picks the best answer delsketch has at the cost: real retraining when all
+        the sets retrain within ``budget_s`` seconds, else the exact first-order term plus the sketch's higher
+        terms where they lower the estimated error; ``"sketch"`` is the sketch estimator alone
+        (:func:`delsketch.sketch.predict.predict`); see :mod:`delsketch.sketch.answer` for every method. The
+        result says which method and degree answered, with its error bar and cost."""
+        from .answer import answer
+
+        return answer(self, output, delete, method=method, weight=weight, budget_s=budget_s, delta=delta,
+                      degree=degree, tolerance=tolerance, control_variates=control_variates)
 
     def effects(self, output, weight: float = 1.0, degree: Optional[int] = None):
         """See :func:`delsketch.sketch.predict.effects`: ``[n, *out]``."""

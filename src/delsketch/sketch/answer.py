@@ -1,0 +1,292 @@
+"""The best answer delsketch has for a deletion question, chosen by cost and estimated error, and said so.
+
+Methods (``Sketch.predict(..., method=...)``, ``delsketch predict --method``):
+
+* ``retrain`` - real retraining, one run per deletion set: exact. Chosen by ``auto`` whenever every set asked
+  retrains within the budget (``budget_s``, default 30 s, from the measured cost of one run).
+* ``loo_sum`` - the exact leave-one-out effects of the examples in D, summed (n retrains once, cached beside the
+  sketch): exact for single deletions and keeps each example's own nonlinearity; misses interactions.
+* ``first_order`` - the exact first-order term, by reverse mode through the run (cached beside the sketch).
+* ``first_order+sketch`` - the exact degree-1 term plus the sketch's estimates of the higher terms where they
+  lower the estimated error: for every set and output element the truncation degree r minimizes (sampling
+  variance of the added terms 2..r) + (estimated size of the first term left out)^2. What ``auto`` uses when
+  retraining is over budget.
+* ``sketch`` - the sketch alone (unbiased, error bars; noisy for small deletions).
+* ``exact`` - the exact Taylor series along each set (one ring run per set).
+
+Every answer states its method, degree, error bar and cost; where retraining every set would be cheaper than
+what was done, or the error bar is wider than the change could plausibly be, a note says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file
+
+from ..io import atomic_save_tensors, sha256_file, write_json
+from ..training import retrain, train
+from ..training.outputs import Output
+from .predict import Prediction, check_sets, deletion_matrix, predict as sketch_predict
+
+METHODS = ("auto", "sketch", "first_order+sketch", "first_order", "loo_sum", "exact", "retrain")
+DEFAULT_BUDGET_S = 30.0
+
+
+# ----------------------------------------------------------------------------------------------
+# measured costs, recorded beside the sketch
+# ----------------------------------------------------------------------------------------------
+
+
+def costs(sketch) -> dict:
+    """Seconds: one plain training run (measured once, recorded in ``costs.json``) and the precompute (the sum of
+    the recorded chunk times)."""
+    path = sketch.path / "costs.json"
+    rec = {}
+    if path.exists():
+        try:
+            rec = json.loads(path.read_text())
+        except ValueError:
+            rec = {}
+    if rec.get("fingerprint") != sketch.task.fingerprint() or not isinstance(rec.get("retrain_s"), (int, float)):
+        t0 = time.perf_counter()
+        train(sketch.task)
+        rec = {"fingerprint": sketch.task.fingerprint(), "retrain_s": round(time.perf_counter() - t0, 4)}
+        _write(path, rec)
+    tpath = sketch.path / "timings.json"
+    try:
+        chunks = json.loads(tpath.read_text()).get("chunks", {})
+        rec["precompute_s"] = round(sum(float(v) for v in chunks.values()), 3)
+    except (OSError, ValueError, AttributeError):
+        rec["precompute_s"] = None
+    return rec
+
+
+def _write(path, obj) -> None:
+    try:
+        write_json(path, obj)
+    except OSError:  # a read-only sketch directory: the measurement is simply not kept
+        pass
+
+
+# ----------------------------------------------------------------------------------------------
+# exact per-example effects, cached beside the sketch
+# ----------------------------------------------------------------------------------------------
+
+
+def _effects_cached(sketch, out: Output, kind: str, compute) -> torch.Tensor:
+    """``[n, P]`` effects of ``kind`` for ``out``: from memory, from ``effects/`` (adopted only when the file
+    hashes to its record and carries this task's fingerprint), or computed and stored."""
+    mem = sketch._effects
+    key = (kind, out.cache_key) if out.cache_key is not None else (kind, "fn", id(out.fn))
+    if key in mem and (out.cache_key is not None or mem[key][0] is out.fn):
+        return mem[key][1]
+    fp = sketch.task.fingerprint()
+    path = index = None
+    if out.cache_key is not None:
+        digest = hashlib.sha256(f"{kind}\0{out.cache_key}\0{fp}".encode()).hexdigest()[:24]
+        path = sketch.path / "effects" / f"{kind}-{digest}.safetensors"
+        index = path.with_suffix(".json")
+        if path.exists() and index.exists():
+            try:
+                rec = json.loads(index.read_text())
+                if rec.get("sha256") == sha256_file(path) and rec.get("fingerprint") == fp:
+                    E = load_file(path)["effects"]
+                    if E.shape[0] == sketch.n:
+                        mem[key] = (out.fn, E, rec.get("seconds"))
+                        return E
+            except (OSError, ValueError):
+                pass
+    t0 = time.perf_counter()
+    E = compute()
+    seconds = round(time.perf_counter() - t0, 3)
+    mem[key] = (out.fn, E, seconds)
+    if path is not None:
+        try:
+            path.parent.mkdir(exist_ok=True)
+            atomic_save_tensors(path, {"effects": E.contiguous()}, {"fingerprint": fp, "kind": kind})
+            write_json(index, {"sha256": sha256_file(path), "fingerprint": fp, "kind": kind, "output": out.cache_key,
+                               "seconds": seconds})
+        except OSError:
+            pass
+    return E
+
+
+def first_order_effects(sketch, out: Output) -> torch.Tensor:
+    """Exact d f / d w_i for every example, ``[n, P]``."""
+    from .exact import first_order
+
+    def compute():
+        E = first_order(sketch.task, out)
+        flat = torch.cat([E[k].reshape(sketch.n, -1) for k in sorted(E)], 1) if isinstance(E, dict) else E
+        return flat.reshape(sketch.n, -1)
+
+    return _effects_cached(sketch, out, "first_order", compute)
+
+
+def loo_effects(sketch, out: Output) -> torch.Tensor:
+    """Exact leave-one-out changes f(1_{i}) - f(0) for every example, ``[n, P]`` (n retrains)."""
+    def compute():
+        with torch.no_grad():
+            base = out.flat(train(sketch.task))
+            return torch.stack([out.flat(retrain(sketch.task, [i])) - base for i in range(sketch.n)])
+
+    return _effects_cached(sketch, out, "loo", compute)
+
+
+# ----------------------------------------------------------------------------------------------
+# answers
+# ----------------------------------------------------------------------------------------------
+
+
+def _cost_note(method: str, seconds: float, S: int, rc: dict) -> list[str]:
+    notes = []
+    r = rc.get("retrain_s")
+    if r:
+        notes.append(f"cost: {method} {seconds:.3g} s; retraining the {S} set{'s' if S > 1 else ''} would take about "
+                     f"{S * r:.3g} s ({r:.3g} s each)" + (f"; the sketch's precompute took {rc['precompute_s']:.3g} s "
+                     f"(about {rc['precompute_s'] / r:.3g} retrains)" if rc.get("precompute_s") else ""))
+    return notes
+
+
+def choose_degrees(terms: torch.Tensor, term_se: torch.Tensor, cum_se: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (set, element), the truncation degree r in 1..k that minimizes the estimated squared error when the
+    degree-1 term is exact and terms 2..r come from the sketch.
+
+    ``terms``/``term_se`` [S, K, P]: the sketch's per-degree term estimates and their standard errors;
+    ``cum_se`` [S, K, P]: the standard error of the sum of terms 2..r (0 at r = 1). The error at degree r is
+    cum_se[r]^2 + B_r^2, B_r^2 = max(0, T_{r+1}^2 - se_{r+1}^2) (an unbiased estimate of the next term's square)
+    for r < k, and for r = k that term extrapolated geometrically from the last two. Returns (degree [S, P],
+    error bar [S, P]: the same error with every left-out term taken as |T| + se, so it is not zero where the next
+    term is lost in the noise)."""
+    S, K, P = terms.shape
+    k = K - 1
+
+    def errors(size):  # [S, K, P] sizes of the terms -> [S, k, P] squared error at each truncation degree
+        err = torch.full((S, k, P), math.inf, dtype=torch.float64)
+        for r in range(1, k + 1):
+            if r < k:
+                bias2 = size[:, r + 1] ** 2
+            else:
+                last = size[:, k]
+                prev = size[:, k - 1] if k >= 2 else torch.zeros_like(last)
+                q = torch.where(prev > 0, last / prev.clamp_min(1e-300), torch.ones_like(last))
+                bias2 = torch.where(q < 1, (last * q / (1 - q).clamp_min(1e-12)) ** 2,
+                                    torch.where(last > 0, torch.full_like(last, math.inf), torch.zeros_like(last)))
+            err[:, r - 1] = cum_se[:, r] ** 2 + bias2
+        return err
+
+    best = errors((terms**2 - term_se**2).clamp_min(0).sqrt()).argmin(1)  # unbiased sizes choose the degree
+    bar = errors(terms.abs() + term_se)  # the error bar: each left-out term as large as its estimate plus 1 s.e.
+    return best + 1, bar.gather(1, best[:, None]).squeeze(1).sqrt()
+
+
+def answer(sketch, output, delete, method: str = "auto", weight: float = 1.0, budget_s: float = DEFAULT_BUDGET_S,
+           **sketch_kw) -> Prediction:
+    """The answer to "what would ``output`` be had ``delete`` never been seen?" by ``method`` (see the module)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r} (choose from: {', '.join(METHODS)})")
+    if not (isinstance(budget_s, (int, float)) and budget_s >= 0 and math.isfinite(budget_s)):
+        raise ValueError(f"budget_s must be a non-negative number of seconds, got {budget_s}")
+    out = sketch.output(output)
+    if method == "sketch":
+        return sketch_predict(sketch, out, delete, weight=weight, **sketch_kw)
+    if method in ("retrain", "loo_sum", "first_order") and (sketch_kw.get("control_variates") or sketch_kw.get("degree") is not None):
+        raise ValueError(f"degree and control_variates apply to the sketch's terms, not to method {method!r}")
+    sets, single = check_sets(delete, sketch.n)
+    S = len(sets)
+    rc = costs(sketch)
+    why = []
+    if method == "auto":
+        r = rc.get("retrain_s") or math.inf
+        if S * r <= budget_s:
+            method = "retrain"
+            why.append(f"auto chose retrain: the {S} set{'s' if S > 1 else ''} retrain in about {S * r:.3g} s, within the "
+                       f"budget of {budget_s:g} s, and retraining is exact")
+        elif sketch.degree >= 2:
+            method = "first_order+sketch"
+            why.append(f"auto chose first_order+sketch: retraining the {S} sets would take about {S * r:.3g} s (budget "
+                       f"{budget_s:g} s); the degree-1 term is exact (reverse mode), higher terms come from the sketch "
+                       "where they lower the estimated error")
+        else:
+            method = "first_order"
+            why.append("auto chose first_order: over the retraining budget, and a degree-1 sketch adds nothing to the "
+                       "exact degree-1 term")
+    t0 = time.perf_counter()
+    if method == "retrain":
+        with torch.no_grad():
+            base = out.flat(train(sketch.task))
+            vals = torch.stack([out.flat(retrain(sketch.task, d, weight=weight)) for d in sets])
+        p = Prediction.exact(out, "retrain", base, vals, sets, single, weight, notes=why)
+    elif method == "exact":
+        from .exact import deletion_ring_run
+
+        K = sketch.degree if sketch_kw.get("degree") is None else sketch_kw["degree"]
+        rows, last = [], []
+        for d in sets:
+            c = out.flat_coefficients(deletion_ring_run(sketch.task, d, K, weight), K)[0].real  # [K+1, P]
+            rows.append(c.sum(0))
+            last.append(c[-1].abs())
+        base = sketch.coefficients(out)[0, 0].real
+        p = Prediction.exact(out, "exact", base, torch.stack(rows), sets, single, weight, degree=K, notes=why + [
+            f"exact Taylor series to degree {K} along each set; truncation error not bounded (largest last term "
+            f"{float(torch.stack(last).max()):.3g})"])
+    else:
+        D = deletion_matrix(sets, sketch.n, weight)
+        base = sketch.coefficients(out)[0, 0].real
+        if method in ("first_order", "first_order+sketch"):
+            E = first_order_effects(sketch, out)  # [n, P]
+            lin = D @ E  # [S, P]: the exact degree-1 term (W 1_D . grad)
+        else:  # loo_sum
+            if weight != 1.0:
+                raise ValueError("loo_sum answers deletions (weight 1) only")
+            lin = D @ loo_effects(sketch, out)
+        if method != "first_order+sketch":
+            note = ("exact first-order term; higher-order terms left out (not bounded)" if method == "first_order" else
+                    "exact leave-one-out effects summed: each example's own nonlinearity kept, interactions left out")
+            p = Prediction.exact(out, method, base, base + lin, sets, single, weight, degree=1, notes=why + [note])
+        else:
+            full = sketch_predict(sketch, out, sets, weight=weight, **sketch_kw)  # [S, K, P] fields
+            terms = _flat3(full.terms, out)
+            tse = _flat3(full.term_stderr, out)
+            per_dir = sketch.per_direction_terms(out, D)[:, :, : full.degree + 1]  # [S, m, K, P]
+            hi = per_dir[:, :, 2:].cumsum(2)  # sums of terms 2..r
+            m = per_dir.shape[1]
+            cum_se = torch.zeros_like(terms)
+            if hi.shape[2] and m > 1:
+                cum_se[:, 2:] = hi.std(1, unbiased=True) / math.sqrt(m)
+            deg, rmse = choose_degrees(terms, tse, cum_se)
+            hsum = torch.zeros_like(lin)
+            for r in range(2, full.degree + 1):
+                hsum = hsum + torch.where(deg >= r, terms[:, r], torch.zeros_like(lin))
+            vals = base + lin + hsum
+            p = Prediction.exact(out, method, base, vals, sets, single, weight, degree=full.degree, notes=why,
+                                 stderr=rmse)
+            p.directions = full.directions
+            counts = {r: int((deg == r).sum()) for r in range(1, full.degree + 1)}
+            p.notes = why + [
+                "degree 1 exact; sketch terms added up to the degree shown per element: "
+                + ", ".join(f"degree {r}: {c}" for r, c in counts.items() if c) + f" of {deg.numel()} set-element pairs",
+                "stderr is the estimated root-mean-square error: the sketch's sampling error of the added terms and "
+                "the estimated size of the first term left out (infinite where the sketch's terms grow)"]
+            p.chosen_degree = out.unflatten(deg[0] if single else deg)
+            p.warning = full.warning
+    seconds = time.perf_counter() - t0
+    p.cost = {"seconds": round(seconds, 4), "retrain_s": rc.get("retrain_s"), "precompute_s": rc.get("precompute_s")}
+    if method != "retrain":
+        p.notes += _cost_note(method, seconds, S, rc)
+        if rc.get("retrain_s") and S * rc["retrain_s"] < max(seconds, 1e-9) * 0.5:
+            p.notes.append("retraining would have been cheaper than this answer and exact: use method='retrain'")
+    return p
+
+
+def _flat3(v, out: Output) -> torch.Tensor:
+    """A per-degree field [S, K, *out] (or dict) back to [S, K, P]."""
+    if isinstance(v, dict):
+        return torch.cat([v[k].reshape(v[k].shape[0], v[k].shape[1], -1) for k in sorted(v)], -1)
+    return v.reshape(v.shape[0], v.shape[1], -1)
