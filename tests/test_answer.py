@@ -86,9 +86,9 @@ def test_first_order_plus_sketch(setup):
     out = O.own_losses(task, list(range(12)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", StabilityWarning)
-        p = sk.predict(out, SETS, budget_s=0)
+        p = sk.predict(out, SETS, method="first_order+sketch")
         s = sk.predict(out, SETS, method="sketch")
-    assert p.method == "first_order+sketch" and any("auto chose first_order+sketch" in n for n in p.notes)
+    assert p.method == "first_order+sketch"
     E = first_order(task, out)
     lin = torch.stack([E[D].sum(0) for D in SETS])
     deg = p.chosen_degree
@@ -99,6 +99,24 @@ def test_first_order_plus_sketch(setup):
     assert bool((p.stderr > 0).all())
     assert float(((p.change - truth).abs() <= 2 * p.stderr).double().mean()) >= 0.8
     assert float((p.change - truth).abs().mean()) < float((s.change - truth).abs().mean())  # beats the sketch alone
+
+
+def test_auto_over_budget_uses_the_cached_leave_one_out_parameters(setup):
+    """Over the retraining budget, with n retrains cheaper than the precompute, auto sums exact leave-one-out effects;
+    the leave-one-out parameters are kept beside the sketch, so a new output needs no retraining."""
+    task, sk, d = setup
+    out = O.own_losses(task, [7, 8])
+    p = sk.predict(out, SETS, budget_s=0)
+    assert p.method == "loo_sum" and any("auto chose loo_sum" in n for n in p.notes)
+    single = _truth(task, out, [[i] for i in range(task.n)])
+    torch.testing.assert_close(p.change, torch.stack([single[D].sum(0) for D in SETS]), rtol=1e-12, atol=1e-14)
+    assert len(list((d / "effects").glob("loo-params-*.safetensors"))) == 1
+    fresh = Sketch.load(d, task)
+    q = fresh.predict("test:mean", [[4, 5]], budget_s=0)
+    assert q.method == "loo_sum" and "cached" in q.notes[0]
+    want = float(task.query(retrain(task, [4]), "test:mean") + task.query(retrain(task, [5]), "test:mean")
+                 - 2 * task.query(train(task), "test:mean"))
+    assert float(q.change[0]) == pytest.approx(want, rel=1e-12, abs=1e-14)
 
 
 def test_choose_degrees_on_known_terms():
@@ -142,7 +160,9 @@ def test_cli_method_and_budget(setup, capsys):
     assert rc == 0 and obj["method"] == "retrain" and obj["stderr"] == [0.0]
     rc = main(["predict", str(d), "--delete", "0:4", "--query", "test:mean", "--budget", "0"])
     cap = capsys.readouterr()
-    assert rc == 0 and "method first_order+sketch" in cap.out and "auto chose first_order+sketch" in cap.err
+    assert rc == 0 and "method loo_sum" in cap.out and "auto chose loo_sum" in cap.err
+    rc = main(["predict", str(d), "--delete", "0:4", "--query", "test:mean", "--method", "first_order+sketch"])
+    assert rc == 0 and "method first_order+sketch" in capsys.readouterr().out
     for bad in (["--method", "magic"], ["--budget", "-1"], ["--budget", "nan"], ["--method", "retrain", "--by-degree"]):
         rc = main(["predict", str(d), "--delete", "0:4", "--query", "test:mean", *bad])
         assert rc == 2 and capsys.readouterr().err.count("\n") == 1, bad

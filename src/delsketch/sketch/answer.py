@@ -2,15 +2,18 @@
 
 Methods (``Sketch.predict(..., method=...)``, ``delsketch predict --method``):
 
-* ``retrain`` - real retraining, one run per deletion set: exact. Chosen by ``auto`` whenever every set asked
-  retrains within the budget (``budget_s``, default 30 s, from the measured cost of one run).
-* ``loo_sum`` - the exact leave-one-out effects of the examples in D, summed (n retrains once, cached beside the
-  sketch): exact for single deletions and keeps each example's own nonlinearity; misses interactions.
+* ``retrain`` - real retraining, one run per deletion set: exact. ``auto``'s first choice, whenever every set
+  asked retrains within the budget (``budget_s``, default 30 s, from the measured cost of one run).
+* ``loo_sum`` - the exact leave-one-out effects of the examples in D, summed: exact for single deletions, keeps
+  each example's own nonlinearity (what first order misses), leaves out interactions between deleted examples.
+  The n leave-one-out parameter sets are computed once and kept beside the sketch, so every later output costs
+  n evaluations. ``auto``'s second choice, when they are cached or cost no more than the sketch's own precompute
+  (deletions with weight 1 only).
 * ``first_order`` - the exact first-order term, by reverse mode through the run (cached beside the sketch).
 * ``first_order+sketch`` - the exact degree-1 term plus the sketch's estimates of the higher terms where they
   lower the estimated error: for every set and output element the truncation degree r minimizes (sampling
-  variance of the added terms 2..r) + (estimated size of the first term left out)^2. What ``auto`` uses when
-  retraining is over budget.
+  variance of the added terms 2..r) + (estimated size of the first term left out)^2, among the degrees whose
+  added terms each exceed 2 standard errors. ``auto``'s third choice.
 * ``sketch`` - the sketch alone (unbiased, error bars; noisy for small deletions).
 * ``exact`` - the exact Taylor series along each set (one ring run per set).
 
@@ -55,7 +58,7 @@ def costs(sketch) -> dict:
             rec = {}
     if rec.get("fingerprint") != sketch.task.fingerprint() or not isinstance(rec.get("retrain_s"), (int, float)):
         t0 = time.perf_counter()
-        train(sketch.task)
+        sketch._trained = train(sketch.task)
         rec = {"fingerprint": sketch.task.fingerprint(), "retrain_s": round(time.perf_counter() - t0, 4)}
         _write(path, rec)
     tpath = sketch.path / "timings.json"
@@ -65,6 +68,13 @@ def costs(sketch) -> dict:
     except (OSError, ValueError, AttributeError):
         rec["precompute_s"] = None
     return rec
+
+
+def trained(sketch) -> dict:
+    """The plain training run's parameters (once per Sketch): the reference every exact change is taken from."""
+    if sketch._trained is None:
+        sketch._trained = train(sketch.task)
+    return sketch._trained
 
 
 def _write(path, obj) -> None:
@@ -129,14 +139,66 @@ def first_order_effects(sketch, out: Output) -> torch.Tensor:
     return _effects_cached(sketch, out, "first_order", compute)
 
 
+#: leave-one-out parameters up to this many bytes are kept beside the sketch (then any later output's exact
+#: leave-one-out effects cost n evaluations, no retraining); larger models retrain n times per output
+LOO_PARAMS_BUDGET = 1 << 30
+
+
+def loo_params(sketch) -> Optional[dict]:
+    """The parameters of all n leave-one-out retrains, ``{name: [n, *shape]}``, from ``effects/loo-params`` (adopted
+    only when it hashes to its record and carries this task's fingerprint) or computed and stored; None when they
+    would exceed :data:`LOO_PARAMS_BUDGET`."""
+    if sketch._loo_params is not None:
+        return sketch._loo_params
+    base = sketch.base_params()  # names and shapes of the parameters
+    size = sketch.n * sum(v.numel() * 8 for v in base.values())
+    if size > LOO_PARAMS_BUDGET:
+        return None
+    fp = sketch.task.fingerprint()
+    path = sketch.path / "effects" / f"loo-params-{fp[:24]}.safetensors"
+    index = path.with_suffix(".json")
+    if path.exists() and index.exists():
+        try:
+            rec = json.loads(index.read_text())
+            if rec.get("sha256") == sha256_file(path) and rec.get("fingerprint") == fp:
+                got = load_file(path)
+                if set(got) == set(base) and all(got[k].shape == (sketch.n, *base[k].shape) for k in base):
+                    sketch._loo_params = got
+                    return got
+        except (OSError, ValueError):
+            pass
+    t0 = time.perf_counter()
+    runs = [retrain(sketch.task, [i]) for i in range(sketch.n)]
+    got = {k: torch.stack([r[k].detach() for r in runs]).contiguous() for k in base}
+    seconds = round(time.perf_counter() - t0, 3)
+    sketch._loo_params = got
+    try:
+        path.parent.mkdir(exist_ok=True)
+        atomic_save_tensors(path, got, {"fingerprint": fp, "kind": "loo-params"})
+        write_json(index, {"sha256": sha256_file(path), "fingerprint": fp, "kind": "loo-params", "seconds": seconds})
+    except OSError:
+        pass
+    return got
+
+
 def loo_effects(sketch, out: Output) -> torch.Tensor:
-    """Exact leave-one-out changes f(1_{i}) - f(0) for every example, ``[n, P]`` (n retrains)."""
+    """Exact leave-one-out changes f(1_{i}) - f(0) for every example, ``[n, P]``: read off the cached leave-one-out
+    parameters (n retrains once per sketch), or n retrains for this output when those would not fit."""
     def compute():
         with torch.no_grad():
-            base = out.flat(train(sketch.task))
-            return torch.stack([out.flat(retrain(sketch.task, [i])) - base for i in range(sketch.n)])
+            base = out.flat(trained(sketch))
+            stacked = loo_params(sketch)
+            if stacked is None:
+                return torch.stack([out.flat(retrain(sketch.task, [i])) - base for i in range(sketch.n)])
+            return torch.stack([out.flat({k: v[i] for k, v in stacked.items()}) - base for i in range(sketch.n)])
 
     return _effects_cached(sketch, out, "loo", compute)
+
+
+def _loo_cached(sketch) -> bool:
+    if sketch._loo_params is not None:
+        return True
+    return any((sketch.path / "effects").glob(f"loo-params-{sketch.task.fingerprint()[:24]}.safetensors"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,6 +214,10 @@ def _cost_note(method: str, seconds: float, S: int, rc: dict) -> list[str]:
                      f"{S * r:.3g} s ({r:.3g} s each)" + (f"; the sketch's precompute took {rc['precompute_s']:.3g} s "
                      f"(about {rc['precompute_s'] / r:.3g} retrains)" if rc.get("precompute_s") else ""))
     return notes
+
+
+#: a sketch term is added to the exact degree-1 term only where its estimate exceeds this many standard errors
+SIGNIFICANCE = 2.0
 
 
 def choose_degrees(terms: torch.Tensor, term_se: torch.Tensor, cum_se: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,7 +247,12 @@ def choose_degrees(terms: torch.Tensor, term_se: torch.Tensor, cum_se: torch.Ten
             err[:, r - 1] = cum_se[:, r] ** 2 + bias2
         return err
 
-    best = errors((terms**2 - term_se**2).clamp_min(0).sqrt()).argmin(1)  # unbiased sizes choose the degree
+    err = errors((terms**2 - term_se**2).clamp_min(0).sqrt())  # unbiased sizes choose the degree ...
+    for r in range(2, k + 1):  # ... among the degrees whose added terms are each distinguishable from noise (2 s.e.)
+        significant = (terms[:, 2 : r + 1].abs() > SIGNIFICANCE * term_se[:, 2 : r + 1]).all(1)
+        err[:, r - 1] = torch.where(significant, err[:, r - 1], torch.full_like(err[:, r - 1], math.inf))
+    err[:, 0] = torch.where(torch.isfinite(err[:, 0]), err[:, 0], torch.full_like(err[:, 0], 1e300))
+    best = err.argmin(1)
     bar = errors(terms.abs() + term_se)  # the error bar: each left-out term as large as its estimate plus 1 s.e.
     return best + 1, bar.gather(1, best[:, None]).squeeze(1).sqrt()
 
@@ -204,10 +275,19 @@ def answer(sketch, output, delete, method: str = "auto", weight: float = 1.0, bu
     why = []
     if method == "auto":
         r = rc.get("retrain_s") or math.inf
+        once = max(budget_s, rc.get("precompute_s") or 0.0)  # a one-time cost, reused by every later question
         if S * r <= budget_s:
             method = "retrain"
             why.append(f"auto chose retrain: the {S} set{'s' if S > 1 else ''} retrain in about {S * r:.3g} s, within the "
                        f"budget of {budget_s:g} s, and retraining is exact")
+        elif weight == 1.0 and (_loo_cached(sketch) or sketch.n * r <= once):
+            method = "loo_sum"
+            why.append(f"auto chose loo_sum: retraining the {S} sets would take about {S * r:.3g} s (budget {budget_s:g} s); "
+                       f"the n = {sketch.n} leave-one-out retrains "
+                       + ("are cached beside the sketch" if _loo_cached(sketch) else
+                          f"(about {sketch.n * r:.3g} s, once, cached beside the sketch) cost no more than the sketch's "
+                          "own precompute") + "; their sum keeps each example's own nonlinearity, which first order "
+                       "misses (interactions between deleted examples are left out)")
         elif sketch.degree >= 2:
             method = "first_order+sketch"
             why.append(f"auto chose first_order+sketch: retraining the {S} sets would take about {S * r:.3g} s (budget "
@@ -220,7 +300,7 @@ def answer(sketch, output, delete, method: str = "auto", weight: float = 1.0, bu
     t0 = time.perf_counter()
     if method == "retrain":
         with torch.no_grad():
-            base = out.flat(train(sketch.task))
+            base = out.flat(trained(sketch))
             vals = torch.stack([out.flat(retrain(sketch.task, d, weight=weight)) for d in sets])
         p = Prediction.exact(out, "retrain", base, vals, sets, single, weight, notes=why)
     elif method == "exact":

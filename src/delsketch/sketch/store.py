@@ -227,6 +227,8 @@ class Sketch:
         self._base: Optional[dict[str, torch.Tensor]] = None
         self._psi: Optional[torch.Tensor] = None
         self._effects: dict = {}  # exact per-example effects (first order, leave-one-out) per output
+        self._loo_params: Optional[dict] = None  # the n leave-one-out runs' parameters (sketch.answer.loo_params)
+        self._trained: Optional[dict] = None  # the plain run's parameters (sketch.answer.trained)
 
     # -- loading ----------------------------------------------------------------------------------
     @classmethod
