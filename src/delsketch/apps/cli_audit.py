@@ -306,15 +306,26 @@ def experiment_cmd(name, preset, data, steps, sets, route, metric, copies, examp
 @click.option("--repeats", default="1,2,4,8", show_default=True, help="canary copies")
 @click.option("--top", type=int, default=20, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--experiments", default="repetition,novelty,size", show_default=True,
+              help="the causes of memorization to include (comma list, or 'none'); size needs a width setting")
+@click.option("--widths", default="8,16,32,64,128", show_default=True, help="size experiment: model widths")
+@click.option("--sample", type=int, default=100, show_default=True, help="size experiment: examples scored per width")
 @click.option("--out", "out_dir", default="delsketch-audit", show_default=True)
-def report_cmd(preset, data, steps, sets, route, verify, models, repeats, top, seed, out_dir):
+def report_cmd(preset, data, steps, sets, route, verify, models, repeats, top, seed, experiments, widths, sample,
+               out_dir):
     """Run the audit and write report.md + PNGs + report.json: most memorized examples (verified by
-    leave-one-out retraining), the histogram, membership inference with its ROC, canary exposure."""
+    leave-one-out retraining; digits as an image grid, text as a list), the histogram, membership inference with
+    its ROC, canary exposure, and the three causes of memorization as experiments."""
     from ..audit import canary_audit, membership_audit, memorization
-    from .audit_plots import plot_exposure, plot_histogram, plot_roc
+    from ..tasks import preset_overrides
+    from .audit_plots import plot_exposure, plot_histogram, plot_most_memorized, plot_roc
 
+    exps = [] if experiments.strip().lower() == "none" else [e.strip() for e in experiments.split(",") if e.strip()]
+    for e in exps:
+        if e not in ("repetition", "novelty", "size"):
+            raise ValueError(f"unknown experiment {e!r} (choose from: repetition, novelty, size, or none)")
     task = _task(preset, data, steps, sets)
-    reps = [int(x) for x in repeats.split(",")]
+    reps = _int_list(repeats, "--repeats")
     out = Path(out_dir)
     mem = memorization(task, route=route, models=max(models, 2), seed=seed)
     ranked = mem.ranking()
@@ -322,10 +333,23 @@ def report_cmd(preset, data, steps, sets, route, verify, models, repeats, top, s
     mia = membership_audit(task, models=models, seed=seed)
     can = canary_audit(task, repeats=reps, seed=seed)
     plot_histogram(mem.scores, out / "memorization.png", f"{task.name}: {mem.route} self-influence ({mem.metric})")
+    from ..audit.experiments import _describe
+
+    grid = {"task": task.name, "route": mem.route, "metric": mem.metric, "most_memorized": [
+        {"index": i, "score": mem.scores[mem.indices.index(i)], **_describe(task, i)} for i in ranked[:top]]}
+    plot_most_memorized(grid, out / "most-memorized.png")
+    exp_res, skipped = {}, {}
+    for e in exps:
+        if e == "size" and "hidden" not in preset_overrides(preset):
+            skipped[e] = f"preset {preset!r} has no width setting (hidden)"
+            continue
+        exp_res[e], _ = run_experiment(e, preset, data, steps, sets, out, route=route if route != "subsampled" else "loo",
+                                       widths=widths, sample=sample, models=max(models, 4), seed=seed)
     plot_roc(mia["attacks"], out / "roc.png")
     plot_exposure(can["canaries"], out / "exposure.png")
     write_json(out / "report.json", {"memorization": mem.to_json(), "verification": check.to_json() if check else None,
-                                     "membership": mia, "canaries": can})
+                                     "membership": mia, "canaries": can, "experiments": exp_res,
+                                     "experiments_skipped": skipped})
     L = [f"# Memorization audit: {task.name} ({task.n} training examples, {task.steps} steps)", "",
          "## Most memorized examples", "",
          f"Route `{mem.route}`: {mem.definition}. {mem.orientation}. Error bar: {mem.error_bar}. Cost: {mem.cost}.", "",
@@ -335,7 +359,7 @@ def report_cmd(preset, data, steps, sets, route, verify, models, repeats, top, s
         j = mem.indices.index(i)
         L.append(f"| {k + 1} | {i} | {_example(task, i)} | {mem.scores[j]:+.4g} | {mem.stderr[j]:.2g} | "
                  f"{format(loo[i], '+.4g') if i in loo else ''} |")
-    L += ["", "![histogram](memorization.png)", "", "## Membership inference", "",
+    L += ["", "![most memorized](most-memorized.png)", "", "![histogram](memorization.png)", "", "## Membership inference", "",
           f"{mia['definition']}; {mia['models']} models, each in turn the target of the others (leave-one-model-out), "
           f"{mia['decisions']} decisions. 95 % bootstrap intervals.", "",
           "| attack | AUC | TPR @ 0.1 % FPR | TPR @ 1 % FPR |", "|---|---|---|---|"]
@@ -355,6 +379,18 @@ def report_cmd(preset, data, steps, sets, route, verify, models, repeats, top, s
                      f"{p['exposure']:.3f} [{p['interval'][0]:.3f}, {p['interval'][1]:.3f}] | "
                      f"{d['retrained']['exposure']:.3f} | {'yes' if d['within_error_bar'] else 'NO'} |")
     L += ["", "![exposure](exposure.png)", ""]
+    if exps:
+        L += ["## The causes of memorization", ""]
+        titles = {"repetition": "Repetition: duplicated examples", "novelty": "Novelty: atypical examples",
+                  "size": "Size: model width"}
+        figs = {"repetition": ["repetition.png"], "novelty": ["novelty.png", "novelty-examples.png"], "size": ["size.png"]}
+        for e in exps:
+            L += [f"### {titles[e]}", ""]
+            if e in skipped:
+                L += [f"Not run: {skipped[e]}.", ""]
+                continue
+            L += [f"    {line}" for line in _experiment_lines(exp_res[e])] + [""]
+            L += [f"![{e}]({f})" for f in figs[e]] + [f"", f"Every plotted number: `{e}.json`.", ""]
     from ..io import atomic_write_bytes
 
     atomic_write_bytes(out / "report.md", "\n".join(L).encode())
