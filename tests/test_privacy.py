@@ -263,6 +263,39 @@ def test_ring_run_counts_examples_near_the_boundary():
     assert fold_stability({"verdict": "stable"}, {"near_boundary": 0})["verdict"] == "stable"
 
 
+def test_sketch_stability_reads_the_clipping_boundary(tmp_path):
+    # Sketch.stability folds the DP transform's boundary count of the sketched run (its degree-0 part, plain DP
+    # training) into the verdict; the sketch layer reads it duck-typed through task.gradient.diagnostics()
+    from delsketch import precompute
+    from delsketch.sketch.stability import stability_report
+
+    task, model, X, y = small_task(n=40, batch=8, steps=3, lr=0.2)
+    probe = lambda p: F.cross_entropy(functional_call(model, p, (X[:4],)), y[:4])  # noqa: E731
+    dt = make_private(task, DP(noise_multiplier=0.3, max_grad_norm=1.0, delta=1e-3))
+    idx = torch.tensor(dt.schedule[0])
+    per, _ = dt.gradient.per_example({k: v.requires_grad_(True) for k, v in task.init_params().items()},
+                                     task.example_losses, idx)
+    norm = float(torch.stack([v.reshape(len(idx), -1).norm(dim=1) for v in per.values()], 1).norm(dim=1)[0])
+    near = make_private(task, DP(noise_multiplier=0.3, max_grad_norm=norm * 1.001, delta=1e-3))
+    sk = precompute(near, tmp_path / "near", directions=4, degree=2, chunk=4)
+    train(near, w=torch.ones(near.n, dtype=torch.float64))  # another run in between must not change the answer
+    rep = sk.stability(probe)
+    train(near)
+    d = diagnostics(near)  # the counts of plain DP training of the task, measured here directly
+    assert rep["clipping"]["near_boundary"] == d["near_boundary"] >= 1 and not rep["clipping"]["reliable"]
+    assert rep["clipping"]["near_boundary_examples"] == d["near_boundary_examples"] and int(idx[0]) in d["near_boundary_examples"]
+    plain = stability_report(sk.coefficients(probe), sk.n)
+    assert rep["verdict"].startswith("unreliable near the clipping boundary") and rep["verdict"].endswith(plain["verdict"])
+    # away from the boundary: an entry saying so and the verdict unchanged; a non-private task: no entry
+    ok, *_ = _ring_ready()
+    sk2 = precompute(ok, tmp_path / "ok", directions=4, degree=2, chunk=4)
+    rep2 = sk2.stability(probe)
+    assert rep2["clipping"]["near_boundary"] == 0 and rep2["clipping"]["reliable"]
+    assert rep2["verdict"] == stability_report(sk2.coefficients(probe), sk2.n)["verdict"]
+    sk3 = precompute(task, tmp_path / "plain", directions=4, degree=2, chunk=4)
+    assert "clipping" not in sk3.stability(probe)
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 def test_bad_settings_are_one_line_errors():

@@ -333,5 +333,8 @@ class Sketch:
         return effects_fn(self, queries, weight=weight, degree=degree)
 
     def stability(self, query: Query, tolerance: float = 0.05, confidence: float = 0.95) -> dict:
-        return stability_report(self.coefficients(query), self.n, tolerance=tolerance, confidence=confidence)
+        report = stability_report(self.coefficients(query), self.n, tolerance=tolerance, confidence=confidence)
+        from .stability import clipping_diagnostics, fold_clipping  # a DP run's clipping boundary (duck-typed)
+
+        return fold_clipping(report, clipping_diagnostics(self.task, self.manifest["config"].get("steps")))
 
