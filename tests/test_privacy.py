@@ -412,10 +412,66 @@ def test_vmap_and_per_example_loop_agree():
     task, *_ = small_task(steps=6)
     dp = DP(noise_multiplier=0.7, max_grad_norm=0.5, delta=1e-3, seed=4)
     fast, slow = make_private(task, dp), make_private(task, dp)
-    slow.gradient._use_vmap = False
+    fast.gradient._linear = None  # (the Linear-only path is tested against vmap below)
+    slow.gradient._use_vmap, slow.gradient._linear = False, None
     a, b = train(fast), train(slow)
-    assert fast.gradient._use_vmap
+    assert fast.gradient._use_vmap and fast.gradient.path == "vmap" and slow.gradient.path == "loop"
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=0, atol=1e-13), k
     train(fast, w=torch.zeros(task.n, dtype=torch.float64, requires_grad=True), record=True)
     assert fast.gradient._use_vmap
+
+
+def test_linear_only_path_equals_vmap():
+    # a Linear-only model: per-example norms ||g_i|| ||a_i|| from one batch backward and the clipped sum as
+    # (coef g)^T a, against vmapped per-example gradients: the whole run (clipping, deletion weights, noise),
+    # and reverse mode through it (first_order)
+    task, model, X, y = small_task(n=40, batch=8, steps=8)
+    dp = DP(noise_multiplier=0.5, max_grad_norm=1.6, delta=1e-3, seed=3)  # clips 33 of 73 example-steps
+    lin, ref = make_private(task, dp), make_private(task, dp)
+    ref.gradient._linear = None
+    w = torch.zeros(task.n, dtype=torch.float64)
+    w[[1, 7, 20]] = 1.0
+    w[3] = 0.25
+    for weights in (None, w):
+        a, b = train(lin, w=weights), train(ref, w=weights)
+        assert lin.gradient.path == "linear" and ref.gradient.path == "vmap"
+        d1, d2 = diagnostics(lin), diagnostics(ref)
+        assert d1["clipped"] == d2["clipped"] and 0 < d1["clipped"] < d1["examples"]
+        for k in a:
+            assert torch.allclose(a[k], b[k], rtol=0, atol=1e-12), k
+        assert max(float((a[k] - task.init_params()[k]).abs().max()) for k in a) > 1e-2
+    probe = lambda p: F.cross_entropy(functional_call(model, p, (X[:5],)), y[:5])  # noqa: E731
+    E1, E2 = first_order(lin, [probe]), first_order(ref, [probe])
+    assert lin.gradient.path == "linear"
+    assert torch.allclose(E1, E2, rtol=0, atol=1e-12) and float(E1.abs().max()) > 1e-3
+
+
+def test_linear_only_path_steps_aside_where_it_does_not_apply():
+    # a Linear applied twice (weights shared across two uses) or a parameter outside a Linear: the vmap path
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 6).double(), nn.Linear(6, 3).double()
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(torch.tanh(self.a(x)))))
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.s = nn.Linear(6, 3).double(), nn.Parameter(torch.ones(3, dtype=torch.float64))
+
+        def forward(self, x):
+            return self.a(x) * self.s
+
+    for m in (Twice(), Scaled()):
+        torch.manual_seed(0)
+        task, *_ = small_task(steps=4, model=m)
+        dp = DP(noise_multiplier=0.5, max_grad_norm=0.3, delta=1e-3)
+        t, slow = make_private(task, dp), make_private(task, dp)
+        slow.gradient._use_vmap, slow.gradient._linear = False, None
+        a, b = train(t), train(slow)
+        assert t.gradient.path == "vmap"
+        for k in a:
+            assert torch.allclose(a[k], b[k], rtol=0, atol=1e-13), k
