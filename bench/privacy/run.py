@@ -11,6 +11,12 @@ Per epsilon and seed: test accuracy, accuracy on a noise-shifted test set (Gauss
 Opacus DP. Canaries: 200 mislabeled training examples, each kept with probability 1/2; membership inference on them
 and the one-run epsilon lower bound (delsketch.privacy.one_run_epsilon_lower_bound), one run per epsilon.
 
+Memorization (delsketch.audit.memorization, route loo: exact leave-one-out retraining of this run, same Poisson
+schedule and noise) of a fixed set of examples (the most memorized of the non-private model and a random sample),
+per epsilon; canary exposure (delsketch.audit canaries: random binary 8x8 inputs with random labels, planted
+1..16 times, |R| = 10 labels) per epsilon. Cost: the DP step by the Linear-only path (per-example norms from the
+layer inputs and output gradients) and by vmapped per-example gradients, side by side.
+
     python bench/privacy/run.py [--epochs 15] [--seeds 3] [--eps 8,4,3,2,1,0.5] [--out bench/results/privacy.json]
     python bench/privacy/run.py --plot-only      # redraw docs/figures/privacy-digits.png from the JSON
 """
@@ -29,7 +35,7 @@ import torch
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
-DELTA, CLIP, N_TEST = 1e-5, 1.0, 500
+DELTA, CLIP, N_TEST = 1e-5, 1.0, 1297  # every digit not in the training set is a non-member
 
 
 def base_task(epochs: int, seed: int):
@@ -45,13 +51,21 @@ def sigma_for(eps: float, task) -> float:
     return noise_multiplier_for(eps, DELTA, q, len(task.schedule), "prv")
 
 
-def ours(task, sigma, seed):
-    """delsketch: the preset's task made private (Poisson schedule and noise seeded by ``seed``)."""
-    from delsketch import train
+def private(task, sigma, seed=0, path="linear", sample_rate=None):
     from delsketch.privacy import DP, make_private
 
-    t = task if sigma is None else make_private(task, DP(noise_multiplier=sigma, max_grad_norm=CLIP, seed=seed,
-                                                        delta=DELTA))
+    t = make_private(task, DP(noise_multiplier=sigma, max_grad_norm=CLIP, seed=seed, delta=DELTA,
+                              sample_rate=sample_rate))
+    if path == "vmap":
+        t.gradient._linear = None
+    return t
+
+
+def ours(task, sigma, seed, path="linear"):
+    """delsketch: the preset's task made private (Poisson schedule and noise seeded by ``seed``)."""
+    from delsketch import train
+
+    t = task if sigma is None else private(task, sigma, seed, path)
     t0 = time.perf_counter()
     p = train(t)
     return p, (time.perf_counter() - t0) / len(t.schedule)
@@ -141,12 +155,68 @@ def canaries(task, eps_grid, m: int = 200, guesses: int = 20, seed: int = 0) -> 
         p = train(t, w=w)
         with torch.no_grad():
             loss = example_losses({k: v.detach() for k, v in p.items()}, can)
-        mia = loss_threshold(loss[member].tolist(), loss[~member].tolist())
+        mia = loss_threshold(loss[member].tolist(), loss[~member].tolist(), fprs=(0.001, 0.01, 0.1))
         lb = one_run_epsilon_lower_bound((-loss).tolist(), member.tolist(), k_in=guesses, k_out=guesses)
         out.append({"epsilon": None if math.isinf(eps) else eps, "canaries": m, "members": int(member.sum()),
                     "mia_auc": mia["auc"], "mia_tpr_at_fpr": mia["tpr_at_fpr"], **lb})
         print(f"canaries, eps {eps}: AUC {mia['auc']:.3f}, lower bound {lb['epsilon_lower_bound']:.2f} "
               f"({lb['correct']}/{lb['guesses']})", file=sys.stderr, flush=True)
+    return out
+
+
+def memorization_vs_eps(task, eps_grid, top: int = 10, random: int = 10, seed: int = 0) -> dict:
+    """Exact leave-one-out self-influence (own loss after deletion - as trained) of the ``top`` examples the
+    non-private model memorizes most (all n scored by LOO) and ``random`` seeded others, at every epsilon."""
+    import numpy as np
+
+    from delsketch.audit import memorization
+
+    t0 = time.perf_counter()
+    full = memorization(task, route="loo")
+    ranked = full.ranking()
+    rng = np.random.default_rng(seed)
+    others = [int(i) for i in rng.permutation([i for i in range(task.n) if i not in ranked[:top]])[:random]]
+    chosen = ranked[:top] + others
+    rows = [{"epsilon": None, "all_examples": {"mean": float(np.mean(full.scores)), "max": float(np.max(full.scores))}}]
+    for eps in [math.inf] + eps_grid:
+        t = task if math.isinf(eps) else private(task, sigma_for(eps, task))
+        r = memorization(t, route="loo", indices=chosen)
+        sc = np.asarray(r.scores)
+        row = {"epsilon": None if math.isinf(eps) else eps, "scores": r.scores,
+               "top": {"mean": float(sc[:top].mean()), "max": float(sc[:top].max()),
+                       "stderr": float(sc[:top].std(ddof=1) / math.sqrt(top))},
+               "random": {"mean": float(sc[top:].mean()), "max": float(sc[top:].max()),
+                          "stderr": float(sc[top:].std(ddof=1) / math.sqrt(max(1, len(others))))}}
+        if math.isinf(eps):
+            rows[0].update(row)
+        else:
+            rows.append(row)
+        print(f"memorization, eps {eps}: top-{top} mean {row['top']['mean']:.4f} max {row['top']['max']:.4f}, "
+              f"random mean {row['random']['mean']:.4f}", file=sys.stderr, flush=True)
+    return {"route": "loo", "definition": full.definition + " (DP: the same Poisson schedule and noise)",
+            "orientation": full.orientation, "examples": chosen, "top": top, "random": len(others), "rows": rows,
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def exposure_vs_eps(task, eps_grid, repeats=(1, 2, 4, 8, 16), per_repeat: int = 4, seed: int = 0) -> list[dict]:
+    """Canary exposure (delsketch.audit: marked inputs with random labels, |R| = 10) of canaries planted 1..16
+    times, trained without DP and with DP at the same sample rate and steps as the task."""
+    from delsketch import train
+    from delsketch.audit import exposure, make_canaries, plant
+
+    canaries = make_canaries(task, repeats, per_repeat, seed)
+    ptask, planted = plant(task, canaries, seed)
+    q = sum(map(len, task.schedule)) / len(task.schedule) / task.n
+    out = []
+    for eps in [math.inf] + eps_grid:
+        t = ptask if math.isinf(eps) else private(ptask, sigma_for(eps, task), sample_rate=q)
+        p = train(t)
+        ex = [exposure(ptask, p, c)["exposure"] for c in planted]
+        row = {"epsilon": None if math.isinf(eps) else eps, "copies": [c.copies for c in planted], "exposure": ex,
+               "mean_by_copies": {str(r): float(sum(e for c, e in zip(planted, ex) if c.copies == r) / per_repeat)
+                                  for r in repeats}}
+        out.append(row)
+        print(f"exposure, eps {eps}: {row['mean_by_copies']}", file=sys.stderr, flush=True)
     return out
 
 
@@ -165,13 +235,13 @@ def _one_cost(method: str, task, sigma) -> dict:
     if method == "opacus":
         _, dt, _ = opacus_run(task, sigma, 0)
     else:
-        _, dt = ours(task, sigma if method == "dp" else None, 0)
+        _, dt = ours(task, None if method == "plain" else sigma, 0, "vmap" if method == "dp_vmap" else "linear")
     return {"s_per_step": dt, "peak_rss_growth_mib": (_status_kib("VmHWM") - base) / 1024}
 
 
 def cost(task, sigma: float) -> dict:
     out = {}
-    for method in ("plain", "dp", "opacus") * 2:  # alternate (the machine is shared); keep the faster of two
+    for method in ("plain", "dp", "dp_vmap", "opacus") * 3:  # alternate (the machine is shared); keep the fastest of three
         r = _one_cost(method, task, sigma)
         if method not in out or r["s_per_step"] < out[method]["s_per_step"]:
             out[method] = r
@@ -195,7 +265,8 @@ def main(argv=None) -> int:
         import json
 
         saved = json.loads(Path(args.out).read_text())
-        _plot(saved["rows"], saved["canaries"], args.plot)
+        _plot(saved["rows"], saved["canaries"], args.plot, saved.get("memorization"), saved.get("exposure"),
+              saved.get("cost"))
         return 0
     torch.set_num_threads(1)
     from delsketch.io import versions, write_json
@@ -230,14 +301,17 @@ def main(argv=None) -> int:
               + (f" (opacus {row['opacus_test_accuracy'][0]:.3f} ± {row['opacus_test_accuracy'][1]:.3f})" if os_ else ""),
               file=sys.stderr, flush=True)
     canary_rows = canaries(task, eps_grid)
+    mem_eps = [e for e in eps_grid if e in (8.0, 2.0, 0.5)] or eps_grid[:1]
+    memo = memorization_vs_eps(task, mem_eps)
+    expo = exposure_vs_eps(task, eps_grid)
     sigma3 = sigma_for(3.0, task)
     costs = cost(task, sigma3)
     result = {
-        "config": {"task": "digits (tanh MLP 64-32-10, 500 train, 500 held out)", "epochs": args.epochs,
+        "config": {"task": f"digits (tanh MLP 64-32-10, 500 train, {N_TEST} held out)", "epochs": args.epochs,
                    "steps": len(task.schedule), "batch": 32, "sample_rate": 1 / 16, "clip": CLIP, "delta": DELTA,
                    "accountant": "prv", "seeds": args.seeds, "shift": "Gaussian noise std 0.3, clipped to [0, 1]",
                    "cost_at_epsilon": 3.0},
-        "rows": rows, "canaries": canary_rows, "cost": costs, "versions": versions(), "seconds": time.perf_counter() - t_start,
+        "rows": rows, "canaries": canary_rows, "memorization": memo, "exposure": expo, "cost": costs, "versions": versions(), "seconds": time.perf_counter() - t_start,
     }
     write_json(args.out, result)
     # table
@@ -252,14 +326,22 @@ def main(argv=None) -> int:
     for r in canary_rows:
         print(f"{'none' if r['epsilon'] is None else r['epsilon']:>5} {r['mia_auc']:14.3f} "
               f"{r['mia_tpr_at_fpr']['0.1']:8.3f} {r['epsilon_lower_bound']:17.2f} ({r['correct']}/{r['guesses']})")
+    print(f"{'eps':>5} {'LOO self-influence: top-10 mean':>32} {'max':>7} {'random-10 mean':>15}")
+    for r in memo["rows"]:
+        print(f"{'none' if r['epsilon'] is None else r['epsilon']:>5} {r['top']['mean']:32.4f} {r['top']['max']:7.4f} "
+              f"{r['random']['mean']:15.4f}")
+    print(f"{'eps':>5} exposure (bits, |R| = 10) by copies " + " ".join(f"{k:>5}" for k in expo[0]["mean_by_copies"]))
+    for r in expo:
+        print(f"{'none' if r['epsilon'] is None else r['epsilon']:>5} {'':34}" + " ".join(
+            f"{v:5.2f}" for v in r["mean_by_copies"].values()))
     for m, c in costs.items():
         print(f"{m:>7}: {1e3 * c['s_per_step']:.2f} ms/step, peak RSS growth {c['peak_rss_growth_mib']:.1f} MiB")
     print(f"wrote {args.out} in {result['seconds']:.0f} s")
-    _plot(rows, canary_rows, args.plot)
+    _plot(rows, canary_rows, args.plot, memo, expo, costs)
     return 0
 
 
-def _plot(rows, canary_rows, path) -> None:
+def _plot(rows, canary_rows, path, memo=None, expo=None, costs=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -268,7 +350,8 @@ def _plot(rows, canary_rows, path) -> None:
     dp = [r for r in rows if r["epsilon"] is not None]
     none = next(r for r in rows if r["epsilon"] is None)
     x = [r["epsilon"] for r in dp]
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    (a, b, c), (d, e, f) = axes
     for key, label in (("test_accuracy", "delsketch DP-SGD"), ("opacus_test_accuracy", "Opacus"),
                        ("shifted_accuracy", "delsketch, shifted test set")):
         a.errorbar(x, [r[key][0] for r in dp], yerr=[r[key][1] for r in dp], marker="o", capsize=3, label=label)
@@ -281,7 +364,7 @@ def _plot(rows, canary_rows, path) -> None:
     b.axhline(none["mia_auc"][0], color="k", ls="--", lw=1, label="no DP")
     b.axhline(0.5, color="gray", ls=":", lw=1, label="chance")
     b.set_xscale("log"); b.set_xlabel("epsilon"); b.set_ylabel("AUC"); b.legend(fontsize=8)
-    b.set_title("membership inference (500 members vs 500 held out)")
+    b.set_title(f"membership inference (500 members vs {N_TEST} held out)")
     cdp = [r for r in canary_rows if r["epsilon"] is not None]
     cx = [r["epsilon"] for r in cdp]
     c.plot(cx, cx, "k--", lw=1, label="accountant epsilon")
@@ -291,7 +374,34 @@ def _plot(rows, canary_rows, path) -> None:
     c.plot(cx, [r["mia_auc"] for r in cdp], "s-", label="canary MIA AUC")
     c.set_xscale("log"); c.set_xlabel("epsilon"); c.legend(fontsize=8)
     c.set_title(f"{cnone['canaries']} mislabeled canaries, half trained on")
-    for ax in (a, b, c):
+    if memo:
+        mr = [r for r in memo["rows"] if r["epsilon"] is not None]
+        mx = [r["epsilon"] for r in mr]
+        mn = memo["rows"][0]
+        for key, label in (("top", f"the {memo['top']} most memorized without DP"), ("random", f"{memo['random']} random")):
+            d.errorbar(mx, [r[key]["mean"] for r in mr], yerr=[r[key]["stderr"] for r in mr], marker="o", capsize=3,
+                       label=f"{label}: mean")
+            d.axhline(mn[key]["mean"], ls="--", lw=1, color="C0" if key == "top" else "C1", label=f"{label}, no DP")
+        d.plot(mx, [r["top"]["max"] for r in mr], "^:", color="C0", label="max")
+        d.set_yscale("symlog", linthresh=1e-3)
+        d.set_xscale("log"); d.set_xlabel("epsilon"); d.set_ylabel("leave-one-out self-influence (loss change)")
+        d.legend(fontsize=7); d.set_title("memorization (exact LOO of this run)")
+    if expo:
+        ks = sorted(expo[0]["mean_by_copies"], key=int)
+        for k in ks:
+            e.plot([r["epsilon"] for r in expo if r["epsilon"] is not None],
+                   [r["mean_by_copies"][k] for r in expo if r["epsilon"] is not None], "o-", label=f"{k} copies")
+        e.axhline(math.log2(10), color="gray", ls=":", lw=1, label="maximum (log2 10)")
+        e.set_xscale("log"); e.set_xlabel("epsilon"); e.set_ylabel("exposure (bits)")
+        e.legend(fontsize=7); e.set_title("canary exposure (no DP: " + ", ".join(
+            f"{expo[0]['mean_by_copies'][k]:.2f}" for k in ks) + ")", fontsize=9)
+    if costs:
+        names = [m for m in ("plain", "dp", "dp_vmap", "opacus") if m in costs]
+        label = {"plain": "no DP", "dp": "delsketch DP\n(Linear path)", "dp_vmap": "delsketch DP\n(vmap)",
+                 "opacus": "Opacus DP"}
+        f.bar([label[m] for m in names], [1e3 * costs[m]["s_per_step"] for m in names])
+        f.set_ylabel("ms per step (epsilon 3)"); f.set_title("cost per step (fastest of three runs)")
+    for ax in (a, b, c, d, e):
         ax.set_xticks(x)
         ax.set_xticklabels([f"{v:g}" for v in x])
         ax.minorticks_off()

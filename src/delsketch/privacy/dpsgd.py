@@ -282,13 +282,18 @@ class DPGradient:
         else:
             norms = torch.stack([per[k].reshape(b, -1).norm(2, dim=1) for k in names], dim=1).norm(2, dim=1)
             norm0 = norms.detach()
-        clipped = (norm0 + self.clip_eps) > self.C  # the branch of the degree-0 value
-        gap = ((norm0 + self.clip_eps) / self.C - 1).abs()
+        shifted = norm0.numpy() + self.clip_eps  # (numpy: these few small ops cost less than in torch)
+        clipped_np = shifted > self.C
+        ratio = shifted / self.C
+        clipped = torch.from_numpy(clipped_np)  # the branch of the degree-0 value
+        gap = np.abs(ratio - 1)
         near = gap < self.margin
         rec["examples"] += b
-        rec["clipped"] += int(clipped.sum())
-        rec["near_boundary"] += int(near.sum())
-        rec["near_boundary_examples"].update(int(i) for i in idx[near].tolist())
+        rec["clipped"] += int(clipped_np.sum())
+        n_near = int(near.sum())
+        rec["near_boundary"] += n_near
+        if n_near:
+            rec["near_boundary_examples"].update(int(i) for i in idx.numpy()[near])
         rec["min_relative_gap"] = min(rec["min_relative_gap"], float(gap.min()))
 
         weights = None if w is None else 1 - w[idx]
