@@ -300,6 +300,7 @@ def test_size_counts_parameters_and_retrains_each_width():
                                       abs=1e-12)
         m = membership_audit(t, models=4, bootstrap=5)
         assert row["membership"]["loss_threshold"]["auc"] == pytest.approx(m["attacks"]["loss_threshold"]["auc"])
+    assert r["task"] == "digits"
 
 
 def test_experiments_bad_input_is_one_line(digits, names, capsys):

@@ -292,10 +292,10 @@ def size(make_task: Callable[[int], Task], widths: Sequence[int] = (8, 16, 32, 6
     if models < 4:
         raise ValueError("models must be at least 4 (each target needs IN and OUT shadows)")
     t0 = time.perf_counter()
-    rows, idx, name = [], None, None
+    rows, idx, task_name = [], None, None
     for w in ws:
         task = make_task(w)
-        name = task.name
+        task_name = task.name
         if idx is None:
             idx = choose(task.n, min(int(sample), task.n), seed)
         elif max(idx) >= task.n:
@@ -317,7 +317,7 @@ def size(make_task: Callable[[int], Task], widths: Sequence[int] = (8, 16, 32, 6
         if progress is not None:
             progress(w)
     return {
-        "experiment": "size", "task": name, "route": route, "metric": metric,
+        "experiment": "size", "task": task_name, "route": route, "metric": metric,
         "definition": {"self_influence": DEFINITIONS[route] + f"; mean over {len(idx)} sampled examples",
                        "membership": "over training randomness: shadow and target models on random halves, "
                                      "leave-one-model-out", "counterfactual_memorization": DEFINITIONS["subsampled"]},
