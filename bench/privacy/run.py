@@ -220,6 +220,58 @@ def exposure_vs_eps(task, eps_grid, repeats=(1, 2, 4, 8, 16), per_repeat: int = 
     return out
 
 
+def names_rows(eps_grid, n: int = 100, steps: int = 100, sample_rate: float = 0.1, held: int = 500, seeds: int = 2):
+    """The names task (microgpt, n names, Adam) without DP and with DP-SGD at a Poisson sample rate (the preset
+    trains on one name per step, which under DP would mean a batch of ~1 and noise sigma C per step): held-out
+    mean per-name loss and per-token accuracy of ``held`` names after the training ones."""
+    import random
+
+    import numpy as np
+
+    from delsketch import train
+    from delsketch.audit.outputs import token_accuracy
+    from delsketch.tasks import get_preset
+    from delsketch.tasks.microgpt import TextCorpus
+    from delsketch.tasks.names import census_names
+
+    task = get_preset("names")(n=n, steps=steps)
+    docs = list(census_names()[0])
+    random.Random(42).shuffle(docs)  # the preset's own shuffle (seed 42)
+    corpus = task.example_losses.__self__
+    test = TextCorpus(docs[n : n + held], corpus.chars, corpus.model)
+    idx = torch.arange(held)
+    q = float(sample_rate)
+
+    def evaluate(p):
+        with torch.no_grad():
+            p = {k: v.detach() for k, v in p.items()}
+            return float(test.example_losses(p, idx).mean()), float(token_accuracy(test, p, idx).mean())
+
+    out = []
+    for eps in [math.inf] + eps_grid:
+        ms, t0 = [], time.perf_counter()
+        for seed in range(1 if math.isinf(eps) else seeds):
+            if math.isinf(eps):
+                t = task
+            else:
+                from delsketch.privacy import noise_multiplier_for
+
+                sigma = noise_multiplier_for(eps, DELTA, q, steps, "prv")
+                t = private(task, sigma, seed, sample_rate=q)
+            ms.append(evaluate(train(t)))
+        row = {"epsilon": None if math.isinf(eps) else eps,
+               "noise_multiplier": None if math.isinf(eps) else sigma,
+               "heldout_loss": mean_sd([m[0] for m in ms]), "heldout_token_accuracy": mean_sd([m[1] for m in ms]),
+               "seeds": len(ms), "seconds_per_run": (time.perf_counter() - t0) / len(ms),
+               "path": None if math.isinf(eps) else t.gradient.path}
+        out.append(row)
+        print(f"names, eps {eps}: held-out loss {row['heldout_loss'][0]:.3f} ± {row['heldout_loss'][1]:.3f}, token "
+              f"accuracy {row['heldout_token_accuracy'][0]:.3f}", file=sys.stderr, flush=True)
+    return {"config": {"n": n, "steps": steps, "optimizer": "the preset's Adam (lr 0.01, linear decay)",
+                       "dp_sample_rate": q, "no_dp_schedule": "the preset's: one name per step", "clip": CLIP,
+                       "delta": DELTA, "heldout": held}, "rows": out}
+
+
 def _status_kib(key: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -260,7 +312,22 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/results/privacy.json")
     ap.add_argument("--plot", default="docs/figures/privacy-digits.png")
     ap.add_argument("--plot-only", action="store_true", help="redraw the plot from --out's JSON")
+    ap.add_argument("--names", action="store_true", help="only the names rows -> bench/results/privacy-names.json")
     args = ap.parse_args(argv)
+    if args.names:
+        torch.set_num_threads(1)
+        from delsketch.io import versions, write_json
+
+        t0 = time.perf_counter()
+        res = names_rows([float(e) for e in args.eps.split(",")])
+        res.update({"versions": versions(), "seconds": time.perf_counter() - t0,
+                    "command": "python bench/privacy/run.py --names --eps " + args.eps})
+        write_json("bench/results/privacy-names.json", res)
+        for r in res["rows"]:
+            print(f"{'none' if r['epsilon'] is None else r['epsilon']:>5} held-out loss {r['heldout_loss'][0]:.3f} ± "
+                  f"{r['heldout_loss'][1]:.3f}  token accuracy {r['heldout_token_accuracy'][0]:.3f} ± "
+                  f"{r['heldout_token_accuracy'][1]:.3f}")
+        return 0
     if args.plot_only:
         import json
 

@@ -107,7 +107,7 @@ def plot_most_memorized(res: dict, path, columns: int = 8) -> None:
         fig.suptitle(f"{res['task']}: most memorized training examples (route {res['route']}, {res['metric']} change)",
                      fontsize=9)
     else:
-        fig, ax = plt.subplots(figsize=(5, 0.3 * len(top) + 0.8))
+        fig, ax = plt.subplots(figsize=(5, 0.19 * len(top) + 0.4))
         ax.axis("off")
         lines = [f"{k + 1:>2}. #{e['index']:<5} {e.get('text', '?'):<16} {e['score']:+.4f}" for k, e in enumerate(top)]
         ax.text(0, 1, "\n".join(lines), family="monospace", fontsize=9, va="top", transform=ax.transAxes)

@@ -90,6 +90,9 @@ class DPGradient:
         self.task_name = task_name
         self._use_vmap = True
         self._linear = _linear_layers(model)  # {param name: (module, "weight"|"bias")} or None
+        self._layers = [] if self._linear is None else [
+            (m, n, next((k for k, (m2, kd) in self._linear.items() if m2 is m and kd == "bias"), None))
+            for n, (m, kind) in self._linear.items() if kind == "weight"]
         self._linear_checked = False  # the first use is compared with vmap; a mismatch switches the path off
         self.path = "vmap"  # the per-example path the last plain step took: "linear", "vmap" or "loop"
         self._reset()
@@ -133,7 +136,7 @@ class DPGradient:
         if set(params) != set(self._linear):
             raise _NotRankOne("parameters other than Linear layers")
         b = len(idx)
-        mods = {id(m): m for m, _ in self._linear.values()}
+        layers = self._layers  # [(module, weight name, bias name or None)]
         seen: dict[int, tuple[Tensor, Tensor]] = {}
 
         def hook(mod, inputs, output):
@@ -141,7 +144,7 @@ class DPGradient:
                 raise _NotRankOne("a Linear layer is applied more than once")
             seen[id(mod)] = (inputs[0], output)
 
-        handles = [m.register_forward_hook(hook) for m in mods.values()]
+        handles = [m.register_forward_hook(hook) for m, _, _ in layers]
         try:
             p = params if create_graph else {k: v.detach().requires_grad_(True) for k, v in params.items()}
             with torch.enable_grad():
@@ -149,29 +152,32 @@ class DPGradient:
         finally:
             for h in handles:
                 h.remove()
-        if tuple(losses.shape) != (b,) or set(seen) != set(mods):
+        if tuple(losses.shape) != (b,) or len(seen) != len(layers):
             raise _NotRankOne("losses are not one per example or a Linear layer is unused")
-        keys = list(mods)
-        for k in keys:
-            a, out = seen[k]
+        acts = []
+        for m, _, _ in layers:
+            a, out = seen[id(m)]
             if a.dim() != 2 or a.shape[0] != b or out.dim() != 2 or not out.requires_grad:
                 raise _NotRankOne("a Linear layer's input is not [batch, features]")
+            acts.append(a)
         with torch.enable_grad():
-            gs = torch.autograd.grad(losses.sum(), [seen[k][1] for k in keys], create_graph=create_graph)
-        g_of = dict(zip(keys, gs))
-        sq = torch.zeros(b, dtype=torch.float64)
-        for name, (mod, kind) in self._linear.items():
-            g = g_of[id(mod)]
-            g2 = (g * g).sum(1)
-            sq = sq + (g2 * (seen[id(mod)][0] ** 2).sum(1) if kind == "weight" else g2)
+            gs = torch.autograd.grad(losses.sum(), [seen[id(m)][1] for m, _, _ in layers], create_graph=create_graph)
+        sq = None
+        for (m, _, bias), a, g in zip(layers, acts, gs):
+            # ||g_i a_i^T||^2 + ||g_i||^2 = ||g_i||^2 (||a_i||^2 + 1)
+            a2 = (a * a).sum(1)
+            term = (g * g).sum(1) * (a2 + 1 if bias is not None else a2)
+            sq = term if sq is None else sq + term
         pos = sq > 0
         norms = torch.where(pos, sq, torch.ones_like(sq)).sqrt() * pos  # a zero gradient: norm 0, derivative 0
 
         def combine(coef: Tensor) -> Params:
             out = {}
-            for name, (mod, kind) in self._linear.items():
-                cg = coef[:, None] * g_of[id(mod)]
-                out[name] = cg.T @ seen[id(mod)][0] if kind == "weight" else cg.sum(0)
+            for (m, weight, bias), a, g in zip(layers, acts, gs):
+                cg = coef[:, None] * g
+                out[weight] = cg.T @ a
+                if bias is not None:
+                    out[bias] = cg.sum(0)
             return out
 
         if not create_graph:
