@@ -198,6 +198,41 @@ def memorization_vs_eps(task, eps_grid, top: int = 10, random: int = 10, seed: i
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
+def lira_vs_eps(task, eps_grid, models: int = 16, bootstrap: int = 200) -> list[dict]:
+    """LiRA (delsketch.audit.mia.lira_attack) against DP: ``models`` models on random halves (every example IN for
+    half of them), each a DP run with its own seed (its own Poisson schedule and noise, as an attacker's shadow
+    models would be), each in turn the target of the others: ``models`` x n decisions."""
+    from delsketch import train
+    from delsketch.audit.mia import lira_attack
+    from delsketch.audit.outputs import view
+    from delsketch.audit.runs import half_masks
+
+    masks = half_masks(task.n, models, 0)
+    idx = torch.arange(task.n)
+    out = []
+    for eps in [math.inf] + eps_grid:
+        t0 = time.perf_counter()
+        loss, phi = [], []
+        for k, mk in enumerate(masks):
+            t = task if math.isinf(eps) else private(task, sigma_for(eps, task), seed=100 + k)
+            p = train(t, w=(~mk).to(torch.float64))
+            with torch.no_grad():
+                loss.append(t.example_losses(p, idx).detach())
+                phi.append(view(t).confidence(p, idx).detach())
+        res = lira_attack({"masks": masks, "loss": torch.stack(loss), "phi": torch.stack(phi)}, bootstrap=bootstrap)
+        row = {"epsilon": None if math.isinf(eps) else eps, "models": models, "decisions": res["decisions"],
+               "seconds": round(time.perf_counter() - t0, 2), "attacks": {}}
+        for name in ("lira_online_fixed_variance", "lira_online", "lira_offline", "loss_threshold"):
+            a = res["attacks"][name]
+            row["attacks"][name] = {"auc": a["auc"], "auc_ci": a["ci"]["auc"], "tpr_at_fpr": a["tpr_at_fpr"],
+                                    "tpr_ci": a["ci"]["tpr_at_fpr"], "nonmembers": a["nonmembers"]}
+        out.append(row)
+        f = row["attacks"]["lira_online_fixed_variance"]
+        print(f"LiRA, eps {eps}: AUC {f['auc']:.3f}, TPR@0.1% {f['tpr_at_fpr']['0.001']:.4f} {f['tpr_ci']['0.001']}",
+              file=sys.stderr, flush=True)
+    return out
+
+
 def exposure_vs_eps(task, eps_grid, repeats=(1, 2, 4, 8, 16), per_repeat: int = 4, seed: int = 0) -> list[dict]:
     """Canary exposure (delsketch.audit: marked inputs with random labels, |R| = 10) of canaries planted 1..16
     times, trained without DP and with DP at the same sample rate and steps as the task."""
@@ -333,7 +368,7 @@ def main(argv=None) -> int:
 
         saved = json.loads(Path(args.out).read_text())
         _plot(saved["rows"], saved["canaries"], args.plot, saved.get("memorization"), saved.get("exposure"),
-              saved.get("cost"))
+              saved.get("cost"), saved.get("lira"))
         return 0
     torch.set_num_threads(1)
     from delsketch.io import versions, write_json
@@ -371,6 +406,7 @@ def main(argv=None) -> int:
     mem_eps = [e for e in eps_grid if e in (8.0, 2.0, 0.5)] or eps_grid[:1]
     memo = memorization_vs_eps(task, mem_eps)
     expo = exposure_vs_eps(task, eps_grid)
+    lira = lira_vs_eps(task, [e for e in eps_grid if e in (8.0, 1.0)] or eps_grid[:1])
     sigma3 = sigma_for(3.0, task)
     costs = cost(task, sigma3)
     result = {
@@ -378,7 +414,7 @@ def main(argv=None) -> int:
                    "steps": len(task.schedule), "batch": 32, "sample_rate": 1 / 16, "clip": CLIP, "delta": DELTA,
                    "accountant": "prv", "seeds": args.seeds, "shift": "Gaussian noise std 0.3, clipped to [0, 1]",
                    "cost_at_epsilon": 3.0},
-        "rows": rows, "canaries": canary_rows, "memorization": memo, "exposure": expo, "cost": costs, "versions": versions(), "seconds": time.perf_counter() - t_start,
+        "rows": rows, "canaries": canary_rows, "memorization": memo, "exposure": expo, "lira": lira, "cost": costs, "versions": versions(), "seconds": time.perf_counter() - t_start,
     }
     write_json(args.out, result)
     # table
@@ -401,14 +437,19 @@ def main(argv=None) -> int:
     for r in expo:
         print(f"{'none' if r['epsilon'] is None else r['epsilon']:>5} {'':34}" + " ".join(
             f"{v:5.2f}" for v in r["mean_by_copies"].values()))
+    print(f"{'eps':>5} {'LiRA (fixed var.) AUC':>22} {'TPR@0.1% FPR [95% CI]':>28} {'loss-thr. AUC':>14}")
+    for r in lira:
+        a, l_ = r["attacks"]["lira_online_fixed_variance"], r["attacks"]["loss_threshold"]
+        print(f"{'none' if r['epsilon'] is None else r['epsilon']:>5} {a['auc']:22.3f} {a['tpr_at_fpr']['0.001']:12.4f} "
+              f"[{a['tpr_ci']['0.001'][0]:.4f}, {a['tpr_ci']['0.001'][1]:.4f}] {l_['auc']:14.3f}")
     for m, c in costs.items():
         print(f"{m:>7}: {1e3 * c['s_per_step']:.2f} ms/step, peak RSS growth {c['peak_rss_growth_mib']:.1f} MiB")
     print(f"wrote {args.out} in {result['seconds']:.0f} s")
-    _plot(rows, canary_rows, args.plot, memo, expo, costs)
+    _plot(rows, canary_rows, args.plot, memo, expo, costs, lira)
     return 0
 
 
-def _plot(rows, canary_rows, path, memo=None, expo=None, costs=None) -> None:
+def _plot(rows, canary_rows, path, memo=None, expo=None, costs=None, lira=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -430,7 +471,23 @@ def _plot(rows, canary_rows, path, memo=None, expo=None, costs=None) -> None:
                label="loss-threshold MIA AUC")
     b.axhline(none["mia_auc"][0], color="k", ls="--", lw=1, label="no DP")
     b.axhline(0.5, color="gray", ls=":", lw=1, label="chance")
-    b.set_xscale("log"); b.set_xlabel("epsilon"); b.set_ylabel("AUC"); b.legend(fontsize=8)
+    if lira:
+        ld = [r for r in lira if r["epsilon"] is not None]
+        a_ = [r["attacks"]["lira_online_fixed_variance"] for r in ld]
+        b.errorbar([r["epsilon"] for r in ld], [v["auc"] for v in a_],
+                   yerr=[[v["auc"] - v["auc_ci"][0] for v in a_], [v["auc_ci"][1] - v["auc"] for v in a_]],
+                   marker="s", capsize=3, label=f"LiRA AUC ({lira[0]['models']} DP models, each the target)")
+        b.axhline(lira[0]["attacks"]["lira_online_fixed_variance"]["auc"], color="C1", ls="--", lw=1,
+                  label="LiRA, no DP")
+        bt = b.twinx()
+        bt.errorbar([r["epsilon"] for r in ld], [v["tpr_at_fpr"]["0.001"] for v in a_],
+                    yerr=[[v["tpr_at_fpr"]["0.001"] - v["tpr_ci"]["0.001"][0] for v in a_],
+                          [v["tpr_ci"]["0.001"][1] - v["tpr_at_fpr"]["0.001"] for v in a_]],
+                    color="C2", marker="^", capsize=3, label="LiRA TPR @ 0.1 % FPR (right)")
+        bt.axhline(0.001, color="C2", ls=":", lw=1, label="TPR = FPR = 0.1 %")
+        bt.set_ylabel("TPR at 0.1 % FPR")
+        bt.legend(fontsize=7, loc="lower right")
+    b.set_xscale("log"); b.set_xlabel("epsilon"); b.set_ylabel("AUC"); b.legend(fontsize=7, loc="upper left")
     b.set_title(f"membership inference (500 members vs {N_TEST} held out)")
     cdp = [r for r in canary_rows if r["epsilon"] is not None]
     cx = [r["epsilon"] for r in cdp]
