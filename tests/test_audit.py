@@ -186,10 +186,14 @@ def test_cli_membership_writes_roc(tmp_path):
 def test_cli_report(tmp_path):
     from delsketch.apps.cli import main
 
-    assert main(["audit", "report", *TINY, "--verify", "3", "--models", "4", "--repeats", "1,4", "--out", str(tmp_path)]) == 0
+    assert main(["audit", "report", *TINY, "--verify", "3", "--models", "4", "--repeats", "1,4", "--widths", "3,5",
+                 "--sample", "3", "--out", str(tmp_path)]) == 0
     md = (tmp_path / "report.md").read_text()
     assert "## Most memorized examples" in md and "## Membership inference" in md and "## Canaries" in md
     assert all((tmp_path / f).stat().st_size > 1000 for f in ("memorization.png", "roc.png", "exposure.png"))
+    assert "## The causes of memorization" in md and "### Size: model width" in md
+    assert all((tmp_path / f).stat().st_size > 1000 for f in ("most-memorized.png", "repetition.png", "novelty.png",
+                                                               "novelty-examples.png", "size.png"))
 
 
 def test_loss_threshold_against_pair_counting():
@@ -205,3 +209,133 @@ def test_loss_threshold_against_pair_counting():
     assert r["tpr_at_fpr"]["0.001"] <= r["tpr_at_fpr"]["0.01"] <= r["tpr_at_fpr"]["0.1"]
     with pytest.raises(ValueError):
         loss_threshold([], non)
+
+
+# ---------------------------------------------------------------- the three causes as experiments
+def test_repetition_is_retraining_without_every_copy(digits):
+    from delsketch.audit.experiments import duplicate, repetition
+
+    r = repetition(digits, copies=(1, 3), indices=[2, 9], route="loo")
+    assert r["rows"][0]["all_copies"]["scores"] == pytest.approx(
+        memorization(digits, route="loo", indices=[2, 9]).scores, abs=1e-14)
+    ptask, groups = duplicate(digits, [2, 9], 3)
+    assert ptask.n == digits.n + 4 and len(ptask.schedule) == len(digits.schedule)
+    base = train(ptask)
+    for k, i in enumerate([2, 9]):
+        occ = groups[i]
+        assert len(occ) == 3 and r["rows"][1]["occurrences"][k] == occ
+        own = ptask.example_losses(base, torch.tensor(occ))
+        assert torch.equal(own, own[:1].expand(3))  # the copies are the example itself
+        before = float(digits.query(base, f"train:{i}"))  # the preset's own query path (its original inputs)
+        every = float(digits.query(retrain(ptask, occ), f"train:{i}")) - before
+        one = float(digits.query(retrain(ptask, [i]), f"train:{i}")) - before
+        assert r["rows"][1]["all_copies"]["scores"][k] == pytest.approx(every, abs=1e-12)
+        assert r["rows"][1]["one_copy"]["scores"][k] == pytest.approx(one, abs=1e-12)
+    assert r["rows"][1]["all_copies"]["mean"] == pytest.approx(np.mean(r["rows"][1]["all_copies"]["scores"]), abs=1e-15)
+
+
+def test_repetition_first_order_is_the_derivative_along_all_copies(digits, names):
+    from delsketch.audit.experiments import duplicate, repetition
+
+    r = repetition(digits, copies=(2,), indices=[4], route="first_order")
+    ptask, groups = duplicate(digits, [4], 2)
+    eps, base = 1e-6, float(digits.query(train(ptask), "train:4"))
+    fd = (float(digits.query(retrain(ptask, groups[4], weight=eps), "train:4")) - base) / eps
+    assert r["rows"][0]["all_copies"]["scores"][0] == pytest.approx(fd, rel=1e-4)
+    tp, g = duplicate(names, [3], 4)
+    assert [tp.examples[j] for j in g[3]] == [names.examples[3]] * 4
+
+
+def test_atypicality_against_sklearn_nearest_neighbours(digits, names):
+    from collections import Counter
+
+    from sklearn.neighbors import NearestNeighbors
+
+    from delsketch.audit.experiments import atypicality, features
+
+    a = atypicality(digits, neighbours=3)
+    X = np.array([e["image"] for e in digits.examples], dtype=np.float64) / 16.0
+    y = np.array([e["label"] for e in digits.examples])
+    d, _ = NearestNeighbors(n_neighbors=4).fit(X).kneighbors(X)
+    assert a["knn_distance"] == pytest.approx(d[:, 1:].mean(1), abs=1e-10)
+    for c in np.unique(y):
+        m = np.flatnonzero(y == c)
+        if len(m) < 4:
+            continue
+        dc, _ = NearestNeighbors(n_neighbors=4).fit(X[m]).kneighbors(X[m])
+        assert np.asarray(a["knn_distance_same_class"])[m] == pytest.approx(dc[:, 1:].mean(1), abs=1e-10)
+    F, labels, _ = features(names)
+    assert labels is None and F.shape[0] == names.n
+    s = "^" + names.examples[0] + "$"
+    assert sorted(F[0][F[0] > 0].tolist()) == sorted(Counter(a + b for a, b in zip(s, s[1:])).values())
+
+
+def test_novelty_pairs_each_example_with_its_atypicality(digits):
+    from scipy.stats import spearmanr
+
+    from delsketch.audit.experiments import atypicality, novelty
+
+    r = novelty(digits, route="loo", neighbours=3, top=4)
+    loo = memorization(digits, route="loo")
+    assert r["scores"] == pytest.approx(loo.scores, abs=1e-14)
+    a = atypicality(digits, neighbours=3)["knn_distance"]
+    assert r["spearman"]["knn_distance"]["rho"] == pytest.approx(spearmanr(a, loo.scores).statistic, abs=1e-12)
+    top = loo.ranking()[:4]
+    assert [e["index"] for e in r["most_memorized"]] == top
+    assert r["most_memorized"][0]["image"] == digits.examples[top[0]]["image"]
+    assert 1 <= len(r["binned"]["knn_distance"]) <= 5
+
+
+def test_size_counts_parameters_and_retrains_each_width():
+    from delsketch.audit.experiments import size
+
+    make = lambda h: get_preset("digits")(n_train=16, n_test=0, hidden=h, batch=8, epochs=2)  # noqa: E731
+    r = size(make, widths=(2, 5), sample=3, models=4, bootstrap=5)
+    for row in r["rows"]:
+        t = make(row["hidden"])
+        assert row["parameters"] == sum(p.numel() for p in t.model.parameters())
+        base = train(t)
+        for i, s in zip(r["sample"], row["self_influence"]["scores"]):
+            assert s == pytest.approx(float(t.query(retrain(t, [i]), f"train:{i}") - t.query(base, f"train:{i}")),
+                                      abs=1e-12)
+        m = membership_audit(t, models=4, bootstrap=5)
+        assert row["membership"]["loss_threshold"]["auc"] == pytest.approx(m["attacks"]["loss_threshold"]["auc"])
+    assert r["task"] == "digits"
+
+
+def test_experiments_bad_input_is_one_line(digits, names, capsys):
+    from delsketch.apps.cli import main
+    from delsketch.audit.experiments import novelty, repetition, size
+
+    for call, msg in ((lambda: repetition(digits, copies=(0, 2)), "copies"),
+                      (lambda: repetition(digits, examples=25), "between 1 and 24"),
+                      (lambda: repetition(digits, indices=[24]), "out of range"),
+                      (lambda: repetition(digits, route="sketch"), "unknown route"),
+                      (lambda: novelty(digits, neighbours=24), "neighbours must lie in"),
+                      (lambda: novelty(names, route="first_order", metric="token_accuracy"), "differentiable"),
+                      (lambda: size(lambda h: digits, widths=()), "widths"),
+                      (lambda: size(lambda h: digits, models=2), "at least 4")):
+        with pytest.raises(ValueError, match=msg) as e:
+            call()
+        assert "\n" not in str(e.value)
+    capsys.readouterr()
+    assert main(["audit", "experiment", "size", "--preset", "names", "--set", "n=10"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "hidden" in err and err.count("\n") == 1
+    assert main(["audit", "experiment", "repetition", *TINY, "--copies", "1,x"]) == 2
+    assert capsys.readouterr().err.strip() == "error: bad --copies '1,x' (expected whole numbers separated by commas, e.g. 1,2,4,8)"
+
+
+def test_cli_experiment_writes_png_and_json(tmp_path):
+    import json
+
+    from delsketch.apps.cli import main
+    from delsketch.audit.experiments import repetition
+
+    assert main(["audit", "experiment", "repetition", *TINY, "--copies", "1,2", "--examples", "3",
+                 "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "repetition.json").read_text())
+    task = get_preset("digits")(n_train=20, hidden=6, batch=5, epochs=2)
+    assert r["rows"][1]["all_copies"]["scores"] == pytest.approx(
+        repetition(task, copies=(1, 2), examples=3)["rows"][1]["all_copies"]["scores"], abs=1e-14)
+    assert (tmp_path / "repetition.png").stat().st_size > 1000

@@ -263,6 +263,39 @@ def test_ring_run_counts_examples_near_the_boundary():
     assert fold_stability({"verdict": "stable"}, {"near_boundary": 0})["verdict"] == "stable"
 
 
+def test_sketch_stability_reads_the_clipping_boundary(tmp_path):
+    # Sketch.stability folds the DP transform's boundary count of the sketched run (its degree-0 part, plain DP
+    # training) into the verdict; the sketch layer reads it duck-typed through task.gradient.diagnostics()
+    from delsketch import precompute
+    from delsketch.sketch.stability import stability_report
+
+    task, model, X, y = small_task(n=40, batch=8, steps=3, lr=0.2)
+    probe = lambda p: F.cross_entropy(functional_call(model, p, (X[:4],)), y[:4])  # noqa: E731
+    dt = make_private(task, DP(noise_multiplier=0.3, max_grad_norm=1.0, delta=1e-3))
+    idx = torch.tensor(dt.schedule[0])
+    per, _ = dt.gradient.per_example({k: v.requires_grad_(True) for k, v in task.init_params().items()},
+                                     task.example_losses, idx)
+    norm = float(torch.stack([v.reshape(len(idx), -1).norm(dim=1) for v in per.values()], 1).norm(dim=1)[0])
+    near = make_private(task, DP(noise_multiplier=0.3, max_grad_norm=norm * 1.001, delta=1e-3))
+    sk = precompute(near, tmp_path / "near", directions=4, degree=2, chunk=4)
+    train(near, w=torch.ones(near.n, dtype=torch.float64))  # another run in between must not change the answer
+    rep = sk.stability(probe)
+    train(near)
+    d = diagnostics(near)  # the counts of plain DP training of the task, measured here directly
+    assert rep["clipping"]["near_boundary"] == d["near_boundary"] >= 1 and not rep["clipping"]["reliable"]
+    assert rep["clipping"]["near_boundary_examples"] == d["near_boundary_examples"] and int(idx[0]) in d["near_boundary_examples"]
+    plain = stability_report(sk.coefficients(probe)[:, :, 0], sk.n)  # a scalar output: [m, K]
+    assert rep["verdict"].startswith("unreliable near the clipping boundary") and rep["verdict"].endswith(plain["verdict"])
+    # away from the boundary: an entry saying so and the verdict unchanged; a non-private task: no entry
+    ok, *_ = _ring_ready()
+    sk2 = precompute(ok, tmp_path / "ok", directions=4, degree=2, chunk=4)
+    rep2 = sk2.stability(probe)
+    assert rep2["clipping"]["near_boundary"] == 0 and rep2["clipping"]["reliable"]
+    assert rep2["verdict"] == stability_report(sk2.coefficients(probe)[:, :, 0], sk2.n)["verdict"]
+    sk3 = precompute(task, tmp_path / "plain", directions=4, degree=2, chunk=4)
+    assert "clipping" not in sk3.stability(probe)
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 def test_bad_settings_are_one_line_errors():
@@ -379,10 +412,66 @@ def test_vmap_and_per_example_loop_agree():
     task, *_ = small_task(steps=6)
     dp = DP(noise_multiplier=0.7, max_grad_norm=0.5, delta=1e-3, seed=4)
     fast, slow = make_private(task, dp), make_private(task, dp)
-    slow.gradient._use_vmap = False
+    fast.gradient._linear = None  # (the Linear-only path is tested against vmap below)
+    slow.gradient._use_vmap, slow.gradient._linear = False, None
     a, b = train(fast), train(slow)
-    assert fast.gradient._use_vmap
+    assert fast.gradient._use_vmap and fast.gradient.path == "vmap" and slow.gradient.path == "loop"
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=0, atol=1e-13), k
     train(fast, w=torch.zeros(task.n, dtype=torch.float64, requires_grad=True), record=True)
     assert fast.gradient._use_vmap
+
+
+def test_linear_only_path_equals_vmap():
+    # a Linear-only model: per-example norms ||g_i|| ||a_i|| from one batch backward and the clipped sum as
+    # (coef g)^T a, against vmapped per-example gradients: the whole run (clipping, deletion weights, noise),
+    # and reverse mode through it (first_order)
+    task, model, X, y = small_task(n=40, batch=8, steps=8)
+    dp = DP(noise_multiplier=0.5, max_grad_norm=1.6, delta=1e-3, seed=3)  # clips 33 of 73 example-steps
+    lin, ref = make_private(task, dp), make_private(task, dp)
+    ref.gradient._linear = None
+    w = torch.zeros(task.n, dtype=torch.float64)
+    w[[1, 7, 20]] = 1.0
+    w[3] = 0.25
+    for weights in (None, w):
+        a, b = train(lin, w=weights), train(ref, w=weights)
+        assert lin.gradient.path == "linear" and ref.gradient.path == "vmap"
+        d1, d2 = diagnostics(lin), diagnostics(ref)
+        assert d1["clipped"] == d2["clipped"] and 0 < d1["clipped"] < d1["examples"]
+        for k in a:
+            assert torch.allclose(a[k], b[k], rtol=0, atol=1e-12), k
+        assert max(float((a[k] - task.init_params()[k]).abs().max()) for k in a) > 1e-2
+    probe = lambda p: F.cross_entropy(functional_call(model, p, (X[:5],)), y[:5])  # noqa: E731
+    E1, E2 = first_order(lin, [probe]), first_order(ref, [probe])
+    assert lin.gradient.path == "linear"
+    assert torch.allclose(E1, E2, rtol=0, atol=1e-12) and float(E1.abs().max()) > 1e-3
+
+
+def test_linear_only_path_steps_aside_where_it_does_not_apply():
+    # a Linear applied twice (weights shared across two uses) or a parameter outside a Linear: the vmap path
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 6).double(), nn.Linear(6, 3).double()
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(torch.tanh(self.a(x)))))
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.s = nn.Linear(6, 3).double(), nn.Parameter(torch.ones(3, dtype=torch.float64))
+
+        def forward(self, x):
+            return self.a(x) * self.s
+
+    for m in (Twice(), Scaled()):
+        torch.manual_seed(0)
+        task, *_ = small_task(steps=4, model=m)
+        dp = DP(noise_multiplier=0.5, max_grad_norm=0.3, delta=1e-3)
+        t, slow = make_private(task, dp), make_private(task, dp)
+        slow.gradient._use_vmap, slow.gradient._linear = False, None
+        a, b = train(t), train(slow)
+        assert t.gradient.path == "vmap"
+        for k in a:
+            assert torch.allclose(a[k], b[k], rtol=0, atol=1e-13), k

@@ -4,6 +4,11 @@ against the loss threshold, and canary exposure before and after deletion.
 
     PYTHONPATH=src python bench/audit/run.py --task digits --out bench/results/audit-digits.json
     PYTHONPATH=src python bench/audit/run.py --task names --n 100 --out bench/results/audit-names.json
+
+The three causes of memorization (``delsketch.audit.experiments``), JSON to bench/results/audit-<experiment>-<task>.json
+and figures to docs/figures/audit-<experiment>-<task>.png:
+
+    PYTHONPATH=src python bench/audit/run.py --experiment repetition|novelty|size [--task digits]
 """
 
 from __future__ import annotations
@@ -37,9 +42,15 @@ def main():
     ap.add_argument("--degree", type=int, default=2)
     ap.add_argument("--models", type=int, default=16)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: memorization,membership,canaries")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--experiment", choices=["repetition", "novelty", "size"], default=None,
+                    help="run one of the three causes instead (its own config; see experiment())")
     a = ap.parse_args()
     torch.set_num_threads(1)
+    if a.experiment:
+        return experiment(a.experiment, a.task, a.n)
+    if a.out is None:
+        ap.error("--out is required")
     skip = set(filter(None, a.skip.split(",")))
     if a.task == "digits":
         task = get_preset("digits")(n_train=a.n or 500)
@@ -92,6 +103,47 @@ def main():
                   [(d["delete"], round(d["predicted"]["exposure"], 3), d["retrained"]["exposure"], d["within_error_bar"])
                    for d in row["deletions"]], flush=True)
         write_json(a.out, res)
+
+
+def experiment(name: str, task_name: str, n=None):
+    """The committed configs: digits n = 500 (the preset: 48 SGD steps; size: 30 epochs, 480 steps, so that
+    the wider models overfit), route loo (exact; on this task also the cheapest)."""
+    from pathlib import Path
+
+    from delsketch.apps import audit_plots as ap
+    from delsketch.audit import experiments as ex
+
+    t0 = time.perf_counter()
+    if task_name == "digits":
+        build = lambda **kw: get_preset("digits")(n_train=n or 500, **kw)  # noqa: E731
+    else:
+        build = lambda **kw: get_preset("names")(n=n or 100, steps=n or 100, **kw)  # noqa: E731
+    fig = Path("docs/figures") / f"audit-{name}-{task_name}.png"
+    if name == "repetition":
+        res = ex.repetition(build(), copies=(1, 2, 4, 8, 16), examples=32, route="loo")
+        ap.plot_repetition(res, fig)
+        for r in res["rows"]:
+            print(r["copies"], round(r["all_copies"]["mean"], 4), round(r["all_copies"]["stderr"], 4),
+                  round(r["one_copy"]["mean"], 4), round(r["one_copy"]["stderr"], 4))
+    elif name == "novelty":
+        res = ex.novelty(build(), route="loo", neighbours=5, top=24)
+        ap.plot_novelty(res, fig)
+        ap.plot_most_memorized(res, fig.with_name(f"audit-novelty-examples-{task_name}.png"))
+        print(res["spearman"])
+    else:
+        if task_name != "digits":
+            raise SystemExit("the size experiment needs the digits preset (hidden width)")
+        res = ex.size(lambda h: build(hidden=h, epochs=30), widths=(4, 8, 16, 32, 64, 128, 256), sample=100,
+                      models=16, route="loo")
+        ap.plot_size(res, fig)
+        for r in res["rows"]:
+            print(r["hidden"], r["parameters"], round(r["self_influence"]["mean"], 4),
+                  round(r["self_influence"]["stderr"], 4), round(r["counterfactual_memorization"]["mean"], 4),
+                  {k: round(v["auc"], 3) for k, v in r["membership"].items()}, r["seconds"])
+    res["bench"] = {"command": f"PYTHONPATH=src python bench/audit/run.py --experiment {name} --task {task_name}"
+                    + (f" --n {n}" if n else ""), "seconds": round(time.perf_counter() - t0, 2), "versions": versions()}
+    write_json(f"bench/results/audit-{name}-{task_name}.json", res)
+    print(f"{name}: {res['bench']['seconds']} s; wrote bench/results/audit-{name}-{task_name}.json and {fig}")
 
 
 if __name__ == "__main__":

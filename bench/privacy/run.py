@@ -11,6 +11,12 @@ Per epsilon and seed: test accuracy, accuracy on a noise-shifted test set (Gauss
 Opacus DP. Canaries: 200 mislabeled training examples, each kept with probability 1/2; membership inference on them
 and the one-run epsilon lower bound (delsketch.privacy.one_run_epsilon_lower_bound), one run per epsilon.
 
+Memorization (delsketch.audit.memorization, route loo: exact leave-one-out retraining of this run, same Poisson
+schedule and noise) of a fixed set of examples (the most memorized of the non-private model and a random sample),
+per epsilon; canary exposure (delsketch.audit canaries: random binary 8x8 inputs with random labels, planted
+1..16 times, |R| = 10 labels) per epsilon. Cost: the DP step by the Linear-only path (per-example norms from the
+layer inputs and output gradients) and by vmapped per-example gradients, side by side.
+
     python bench/privacy/run.py [--epochs 15] [--seeds 3] [--eps 8,4,3,2,1,0.5] [--out bench/results/privacy.json]
     python bench/privacy/run.py --plot-only      # redraw docs/figures/privacy-digits.png from the JSON
 """
@@ -29,7 +35,7 @@ import torch
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
-DELTA, CLIP, N_TEST = 1e-5, 1.0, 500
+DELTA, CLIP, N_TEST = 1e-5, 1.0, 1297  # every digit not in the training set is a non-member
 
 
 def base_task(epochs: int, seed: int):
@@ -45,13 +51,21 @@ def sigma_for(eps: float, task) -> float:
     return noise_multiplier_for(eps, DELTA, q, len(task.schedule), "prv")
 
 
-def ours(task, sigma, seed):
-    """delsketch: the preset's task made private (Poisson schedule and noise seeded by ``seed``)."""
-    from delsketch import train
+def private(task, sigma, seed=0, path="linear", sample_rate=None):
     from delsketch.privacy import DP, make_private
 
-    t = task if sigma is None else make_private(task, DP(noise_multiplier=sigma, max_grad_norm=CLIP, seed=seed,
-                                                        delta=DELTA))
+    t = make_private(task, DP(noise_multiplier=sigma, max_grad_norm=CLIP, seed=seed, delta=DELTA,
+                              sample_rate=sample_rate))
+    if path == "vmap":
+        t.gradient._linear = None
+    return t
+
+
+def ours(task, sigma, seed, path="linear"):
+    """delsketch: the preset's task made private (Poisson schedule and noise seeded by ``seed``)."""
+    from delsketch import train
+
+    t = task if sigma is None else private(task, sigma, seed, path)
     t0 = time.perf_counter()
     p = train(t)
     return p, (time.perf_counter() - t0) / len(t.schedule)
@@ -141,13 +155,156 @@ def canaries(task, eps_grid, m: int = 200, guesses: int = 20, seed: int = 0) -> 
         p = train(t, w=w)
         with torch.no_grad():
             loss = example_losses({k: v.detach() for k, v in p.items()}, can)
-        mia = loss_threshold(loss[member].tolist(), loss[~member].tolist())
+        mia = loss_threshold(loss[member].tolist(), loss[~member].tolist(), fprs=(0.001, 0.01, 0.1))
         lb = one_run_epsilon_lower_bound((-loss).tolist(), member.tolist(), k_in=guesses, k_out=guesses)
         out.append({"epsilon": None if math.isinf(eps) else eps, "canaries": m, "members": int(member.sum()),
                     "mia_auc": mia["auc"], "mia_tpr_at_fpr": mia["tpr_at_fpr"], **lb})
         print(f"canaries, eps {eps}: AUC {mia['auc']:.3f}, lower bound {lb['epsilon_lower_bound']:.2f} "
               f"({lb['correct']}/{lb['guesses']})", file=sys.stderr, flush=True)
     return out
+
+
+def memorization_vs_eps(task, eps_grid, top: int = 10, random: int = 10, seed: int = 0) -> dict:
+    """Exact leave-one-out self-influence (own loss after deletion - as trained) of the ``top`` examples the
+    non-private model memorizes most (all n scored by LOO) and ``random`` seeded others, at every epsilon."""
+    import numpy as np
+
+    from delsketch.audit import memorization
+
+    t0 = time.perf_counter()
+    full = memorization(task, route="loo")
+    ranked = full.ranking()
+    rng = np.random.default_rng(seed)
+    others = [int(i) for i in rng.permutation([i for i in range(task.n) if i not in ranked[:top]])[:random]]
+    chosen = ranked[:top] + others
+    rows = [{"epsilon": None, "all_examples": {"mean": float(np.mean(full.scores)), "max": float(np.max(full.scores))}}]
+    for eps in [math.inf] + eps_grid:
+        t = task if math.isinf(eps) else private(task, sigma_for(eps, task))
+        r = memorization(t, route="loo", indices=chosen)
+        sc = np.asarray(r.scores)
+        row = {"epsilon": None if math.isinf(eps) else eps, "scores": r.scores,
+               "top": {"mean": float(sc[:top].mean()), "max": float(sc[:top].max()),
+                       "stderr": float(sc[:top].std(ddof=1) / math.sqrt(top))},
+               "random": {"mean": float(sc[top:].mean()), "max": float(sc[top:].max()),
+                          "stderr": float(sc[top:].std(ddof=1) / math.sqrt(max(1, len(others))))}}
+        if math.isinf(eps):
+            rows[0].update(row)
+        else:
+            rows.append(row)
+        print(f"memorization, eps {eps}: top-{top} mean {row['top']['mean']:.4f} max {row['top']['max']:.4f}, "
+              f"random mean {row['random']['mean']:.4f}", file=sys.stderr, flush=True)
+    return {"route": "loo", "definition": full.definition + " (DP: the same Poisson schedule and noise)",
+            "orientation": full.orientation, "examples": chosen, "top": top, "random": len(others), "rows": rows,
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def lira_vs_eps(task, eps_grid, models: int = 16, bootstrap: int = 200) -> list[dict]:
+    """LiRA (delsketch.audit.mia.lira_attack) against DP: ``models`` models on random halves (every example IN for
+    half of them), each a DP run with its own seed (its own Poisson schedule and noise, as an attacker's shadow
+    models would be), each in turn the target of the others: ``models`` x n decisions."""
+    from delsketch import train
+    from delsketch.audit.mia import lira_attack
+    from delsketch.audit.outputs import view
+    from delsketch.audit.runs import half_masks
+
+    masks = half_masks(task.n, models, 0)
+    idx = torch.arange(task.n)
+    out = []
+    for eps in [math.inf] + eps_grid:
+        t0 = time.perf_counter()
+        loss, phi = [], []
+        for k, mk in enumerate(masks):
+            t = task if math.isinf(eps) else private(task, sigma_for(eps, task), seed=100 + k)
+            p = train(t, w=(~mk).to(torch.float64))
+            with torch.no_grad():
+                loss.append(t.example_losses(p, idx).detach())
+                phi.append(view(t).confidence(p, idx).detach())
+        res = lira_attack({"masks": masks, "loss": torch.stack(loss), "phi": torch.stack(phi)}, bootstrap=bootstrap)
+        row = {"epsilon": None if math.isinf(eps) else eps, "models": models, "decisions": res["decisions"],
+               "seconds": round(time.perf_counter() - t0, 2), "attacks": {}}
+        for name in ("lira_online_fixed_variance", "lira_online", "lira_offline", "loss_threshold"):
+            a = res["attacks"][name]
+            row["attacks"][name] = {"auc": a["auc"], "auc_ci": a["ci"]["auc"], "tpr_at_fpr": a["tpr_at_fpr"],
+                                    "tpr_ci": a["ci"]["tpr_at_fpr"], "nonmembers": a["nonmembers"]}
+        out.append(row)
+        f = row["attacks"]["lira_online_fixed_variance"]
+        print(f"LiRA, eps {eps}: AUC {f['auc']:.3f}, TPR@0.1% {f['tpr_at_fpr']['0.001']:.4f} {f['tpr_ci']['0.001']}",
+              file=sys.stderr, flush=True)
+    return out
+
+
+def exposure_vs_eps(task, eps_grid, repeats=(1, 2, 4, 8, 16), per_repeat: int = 4, seed: int = 0) -> list[dict]:
+    """Canary exposure (delsketch.audit: marked inputs with random labels, |R| = 10) of canaries planted 1..16
+    times, trained without DP and with DP at the same sample rate and steps as the task."""
+    from delsketch import train
+    from delsketch.audit import exposure, make_canaries, plant
+
+    canaries = make_canaries(task, repeats, per_repeat, seed)
+    ptask, planted = plant(task, canaries, seed)
+    q = sum(map(len, task.schedule)) / len(task.schedule) / task.n
+    out = []
+    for eps in [math.inf] + eps_grid:
+        t = ptask if math.isinf(eps) else private(ptask, sigma_for(eps, task), sample_rate=q)
+        p = train(t)
+        ex = [exposure(ptask, p, c)["exposure"] for c in planted]
+        row = {"epsilon": None if math.isinf(eps) else eps, "copies": [c.copies for c in planted], "exposure": ex,
+               "mean_by_copies": {str(r): float(sum(e for c, e in zip(planted, ex) if c.copies == r) / per_repeat)
+                                  for r in repeats}}
+        out.append(row)
+        print(f"exposure, eps {eps}: {row['mean_by_copies']}", file=sys.stderr, flush=True)
+    return out
+
+
+def names_rows(eps_grid, n: int = 100, steps: int = 100, sample_rate: float = 0.1, held: int = 500, seeds: int = 2):
+    """The names task (microgpt, n names, Adam) without DP and with DP-SGD at a Poisson sample rate (the preset
+    trains on one name per step, which under DP would mean a batch of ~1 and noise sigma C per step): held-out
+    mean per-name loss and per-token accuracy of ``held`` names after the training ones."""
+    import random
+
+    import numpy as np
+
+    from delsketch import train
+    from delsketch.audit.outputs import token_accuracy
+    from delsketch.tasks import get_preset
+    from delsketch.tasks.microgpt import TextCorpus
+    from delsketch.tasks.names import census_names
+
+    task = get_preset("names")(n=n, steps=steps)
+    docs = list(census_names()[0])
+    random.Random(42).shuffle(docs)  # the preset's own shuffle (seed 42)
+    corpus = task.example_losses.__self__
+    test = TextCorpus(docs[n : n + held], corpus.chars, corpus.model)
+    idx = torch.arange(held)
+    q = float(sample_rate)
+
+    def evaluate(p):
+        with torch.no_grad():
+            p = {k: v.detach() for k, v in p.items()}
+            return float(test.example_losses(p, idx).mean()), float(token_accuracy(test, p, idx).mean())
+
+    out = []
+    for eps in [math.inf] + eps_grid:
+        ms, t0 = [], time.perf_counter()
+        for seed in range(1 if math.isinf(eps) else seeds):
+            if math.isinf(eps):
+                t = task
+            else:
+                from delsketch.privacy import noise_multiplier_for
+
+                sigma = noise_multiplier_for(eps, DELTA, q, steps, "prv")
+                t = private(task, sigma, seed, sample_rate=q)
+            ms.append(evaluate(train(t)))
+        row = {"epsilon": None if math.isinf(eps) else eps,
+               "noise_multiplier": None if math.isinf(eps) else sigma,
+               "heldout_loss": mean_sd([m[0] for m in ms]), "heldout_token_accuracy": mean_sd([m[1] for m in ms]),
+               "seeds": len(ms), "seconds_per_run": (time.perf_counter() - t0) / len(ms),
+               "path": None if math.isinf(eps) else t.gradient.path}
+        out.append(row)
+        print(f"names, eps {eps}: held-out loss {row['heldout_loss'][0]:.3f} ± {row['heldout_loss'][1]:.3f}, token "
+              f"accuracy {row['heldout_token_accuracy'][0]:.3f}", file=sys.stderr, flush=True)
+    return {"config": {"n": n, "steps": steps, "optimizer": "the preset's Adam (lr 0.01, linear decay)",
+                       "dp_sample_rate": q, "no_dp_schedule": "the preset's: one name per step", "clip": CLIP,
+                       "delta": DELTA, "heldout": held}, "rows": out}
 
 
 def _status_kib(key: str) -> int:
@@ -165,13 +322,13 @@ def _one_cost(method: str, task, sigma) -> dict:
     if method == "opacus":
         _, dt, _ = opacus_run(task, sigma, 0)
     else:
-        _, dt = ours(task, sigma if method == "dp" else None, 0)
+        _, dt = ours(task, None if method == "plain" else sigma, 0, "vmap" if method == "dp_vmap" else "linear")
     return {"s_per_step": dt, "peak_rss_growth_mib": (_status_kib("VmHWM") - base) / 1024}
 
 
 def cost(task, sigma: float) -> dict:
     out = {}
-    for method in ("plain", "dp", "opacus") * 2:  # alternate (the machine is shared); keep the faster of two
+    for method in ("plain", "dp", "dp_vmap", "opacus") * 3:  # alternate (the machine is shared); keep the fastest of three
         r = _one_cost(method, task, sigma)
         if method not in out or r["s_per_step"] < out[method]["s_per_step"]:
             out[method] = r
@@ -190,12 +347,28 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/results/privacy.json")
     ap.add_argument("--plot", default="docs/figures/privacy-digits.png")
     ap.add_argument("--plot-only", action="store_true", help="redraw the plot from --out's JSON")
+    ap.add_argument("--names", action="store_true", help="only the names rows -> bench/results/privacy-names.json")
     args = ap.parse_args(argv)
+    if args.names:
+        torch.set_num_threads(1)
+        from delsketch.io import versions, write_json
+
+        t0 = time.perf_counter()
+        res = names_rows([float(e) for e in args.eps.split(",")])
+        res.update({"versions": versions(), "seconds": time.perf_counter() - t0,
+                    "command": "python bench/privacy/run.py --names --eps " + args.eps})
+        write_json("bench/results/privacy-names.json", res)
+        for r in res["rows"]:
+            print(f"{'none' if r['epsilon'] is None else r['epsilon']:>5} held-out loss {r['heldout_loss'][0]:.3f} ± "
+                  f"{r['heldout_loss'][1]:.3f}  token accuracy {r['heldout_token_accuracy'][0]:.3f} ± "
+                  f"{r['heldout_token_accuracy'][1]:.3f}")
+        return 0
     if args.plot_only:
         import json
 
         saved = json.loads(Path(args.out).read_text())
-        _plot(saved["rows"], saved["canaries"], args.plot)
+        _plot(saved["rows"], saved["canaries"], args.plot, saved.get("memorization"), saved.get("exposure"),
+              saved.get("cost"), saved.get("lira"))
         return 0
     torch.set_num_threads(1)
     from delsketch.io import versions, write_json
@@ -230,14 +403,18 @@ def main(argv=None) -> int:
               + (f" (opacus {row['opacus_test_accuracy'][0]:.3f} ± {row['opacus_test_accuracy'][1]:.3f})" if os_ else ""),
               file=sys.stderr, flush=True)
     canary_rows = canaries(task, eps_grid)
+    mem_eps = [e for e in eps_grid if e in (8.0, 2.0, 0.5)] or eps_grid[:1]
+    memo = memorization_vs_eps(task, mem_eps)
+    expo = exposure_vs_eps(task, eps_grid)
+    lira = lira_vs_eps(task, [e for e in eps_grid if e in (8.0, 1.0)] or eps_grid[:1])
     sigma3 = sigma_for(3.0, task)
     costs = cost(task, sigma3)
     result = {
-        "config": {"task": "digits (tanh MLP 64-32-10, 500 train, 500 held out)", "epochs": args.epochs,
+        "config": {"task": f"digits (tanh MLP 64-32-10, 500 train, {N_TEST} held out)", "epochs": args.epochs,
                    "steps": len(task.schedule), "batch": 32, "sample_rate": 1 / 16, "clip": CLIP, "delta": DELTA,
                    "accountant": "prv", "seeds": args.seeds, "shift": "Gaussian noise std 0.3, clipped to [0, 1]",
                    "cost_at_epsilon": 3.0},
-        "rows": rows, "canaries": canary_rows, "cost": costs, "versions": versions(), "seconds": time.perf_counter() - t_start,
+        "rows": rows, "canaries": canary_rows, "memorization": memo, "exposure": expo, "lira": lira, "cost": costs, "versions": versions(), "seconds": time.perf_counter() - t_start,
     }
     write_json(args.out, result)
     # table
@@ -252,14 +429,27 @@ def main(argv=None) -> int:
     for r in canary_rows:
         print(f"{'none' if r['epsilon'] is None else r['epsilon']:>5} {r['mia_auc']:14.3f} "
               f"{r['mia_tpr_at_fpr']['0.1']:8.3f} {r['epsilon_lower_bound']:17.2f} ({r['correct']}/{r['guesses']})")
+    print(f"{'eps':>5} {'LOO self-influence: top-10 mean':>32} {'max':>7} {'random-10 mean':>15}")
+    for r in memo["rows"]:
+        print(f"{'none' if r['epsilon'] is None else r['epsilon']:>5} {r['top']['mean']:32.4f} {r['top']['max']:7.4f} "
+              f"{r['random']['mean']:15.4f}")
+    print(f"{'eps':>5} exposure (bits, |R| = 10) by copies " + " ".join(f"{k:>5}" for k in expo[0]["mean_by_copies"]))
+    for r in expo:
+        print(f"{'none' if r['epsilon'] is None else r['epsilon']:>5} {'':34}" + " ".join(
+            f"{v:5.2f}" for v in r["mean_by_copies"].values()))
+    print(f"{'eps':>5} {'LiRA (fixed var.) AUC':>22} {'TPR@0.1% FPR [95% CI]':>28} {'loss-thr. AUC':>14}")
+    for r in lira:
+        a, l_ = r["attacks"]["lira_online_fixed_variance"], r["attacks"]["loss_threshold"]
+        print(f"{'none' if r['epsilon'] is None else r['epsilon']:>5} {a['auc']:22.3f} {a['tpr_at_fpr']['0.001']:12.4f} "
+              f"[{a['tpr_ci']['0.001'][0]:.4f}, {a['tpr_ci']['0.001'][1]:.4f}] {l_['auc']:14.3f}")
     for m, c in costs.items():
         print(f"{m:>7}: {1e3 * c['s_per_step']:.2f} ms/step, peak RSS growth {c['peak_rss_growth_mib']:.1f} MiB")
     print(f"wrote {args.out} in {result['seconds']:.0f} s")
-    _plot(rows, canary_rows, args.plot)
+    _plot(rows, canary_rows, args.plot, memo, expo, costs, lira)
     return 0
 
 
-def _plot(rows, canary_rows, path) -> None:
+def _plot(rows, canary_rows, path, memo=None, expo=None, costs=None, lira=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -268,7 +458,8 @@ def _plot(rows, canary_rows, path) -> None:
     dp = [r for r in rows if r["epsilon"] is not None]
     none = next(r for r in rows if r["epsilon"] is None)
     x = [r["epsilon"] for r in dp]
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    (a, b, c), (d, e, f) = axes
     for key, label in (("test_accuracy", "delsketch DP-SGD"), ("opacus_test_accuracy", "Opacus"),
                        ("shifted_accuracy", "delsketch, shifted test set")):
         a.errorbar(x, [r[key][0] for r in dp], yerr=[r[key][1] for r in dp], marker="o", capsize=3, label=label)
@@ -280,8 +471,24 @@ def _plot(rows, canary_rows, path) -> None:
                label="loss-threshold MIA AUC")
     b.axhline(none["mia_auc"][0], color="k", ls="--", lw=1, label="no DP")
     b.axhline(0.5, color="gray", ls=":", lw=1, label="chance")
-    b.set_xscale("log"); b.set_xlabel("epsilon"); b.set_ylabel("AUC"); b.legend(fontsize=8)
-    b.set_title("membership inference (500 members vs 500 held out)")
+    if lira:
+        ld = [r for r in lira if r["epsilon"] is not None]
+        a_ = [r["attacks"]["lira_online_fixed_variance"] for r in ld]
+        b.errorbar([r["epsilon"] for r in ld], [v["auc"] for v in a_],
+                   yerr=[[v["auc"] - v["auc_ci"][0] for v in a_], [v["auc_ci"][1] - v["auc"] for v in a_]],
+                   marker="s", capsize=3, label=f"LiRA AUC ({lira[0]['models']} DP models, each the target)")
+        b.axhline(lira[0]["attacks"]["lira_online_fixed_variance"]["auc"], color="C1", ls="--", lw=1,
+                  label="LiRA, no DP")
+        bt = b.twinx()
+        bt.errorbar([r["epsilon"] for r in ld], [v["tpr_at_fpr"]["0.001"] for v in a_],
+                    yerr=[[v["tpr_at_fpr"]["0.001"] - v["tpr_ci"]["0.001"][0] for v in a_],
+                          [v["tpr_ci"]["0.001"][1] - v["tpr_at_fpr"]["0.001"] for v in a_]],
+                    color="C2", marker="^", capsize=3, label="LiRA TPR @ 0.1 % FPR (right)")
+        bt.axhline(0.001, color="C2", ls=":", lw=1, label="TPR = FPR = 0.1 %")
+        bt.set_ylabel("TPR at 0.1 % FPR")
+        bt.legend(fontsize=7, loc="lower right")
+    b.set_xscale("log"); b.set_xlabel("epsilon"); b.set_ylabel("AUC"); b.legend(fontsize=7, loc="upper left")
+    b.set_title(f"membership inference (500 members vs {N_TEST} held out)")
     cdp = [r for r in canary_rows if r["epsilon"] is not None]
     cx = [r["epsilon"] for r in cdp]
     c.plot(cx, cx, "k--", lw=1, label="accountant epsilon")
@@ -291,7 +498,34 @@ def _plot(rows, canary_rows, path) -> None:
     c.plot(cx, [r["mia_auc"] for r in cdp], "s-", label="canary MIA AUC")
     c.set_xscale("log"); c.set_xlabel("epsilon"); c.legend(fontsize=8)
     c.set_title(f"{cnone['canaries']} mislabeled canaries, half trained on")
-    for ax in (a, b, c):
+    if memo:
+        mr = [r for r in memo["rows"] if r["epsilon"] is not None]
+        mx = [r["epsilon"] for r in mr]
+        mn = memo["rows"][0]
+        for key, label in (("top", f"the {memo['top']} most memorized without DP"), ("random", f"{memo['random']} random")):
+            d.errorbar(mx, [r[key]["mean"] for r in mr], yerr=[r[key]["stderr"] for r in mr], marker="o", capsize=3,
+                       label=f"{label}: mean")
+            d.axhline(mn[key]["mean"], ls="--", lw=1, color="C0" if key == "top" else "C1", label=f"{label}, no DP")
+        d.plot(mx, [r["top"]["max"] for r in mr], "^:", color="C0", label="max")
+        d.set_yscale("symlog", linthresh=1e-3)
+        d.set_xscale("log"); d.set_xlabel("epsilon"); d.set_ylabel("leave-one-out self-influence (loss change)")
+        d.legend(fontsize=7); d.set_title("memorization (exact LOO of this run)")
+    if expo:
+        ks = sorted(expo[0]["mean_by_copies"], key=int)
+        for k in ks:
+            e.plot([r["epsilon"] for r in expo if r["epsilon"] is not None],
+                   [r["mean_by_copies"][k] for r in expo if r["epsilon"] is not None], "o-", label=f"{k} copies")
+        e.axhline(math.log2(10), color="gray", ls=":", lw=1, label="maximum (log2 10)")
+        e.set_xscale("log"); e.set_xlabel("epsilon"); e.set_ylabel("exposure (bits)")
+        e.legend(fontsize=7); e.set_title("canary exposure (no DP: " + ", ".join(
+            f"{expo[0]['mean_by_copies'][k]:.2f}" for k in ks) + ")", fontsize=9)
+    if costs:
+        names = [m for m in ("plain", "dp", "dp_vmap", "opacus") if m in costs]
+        label = {"plain": "no DP", "dp": "delsketch DP\n(Linear path)", "dp_vmap": "delsketch DP\n(vmap)",
+                 "opacus": "Opacus DP"}
+        f.bar([label[m] for m in names], [1e3 * costs[m]["s_per_step"] for m in names])
+        f.set_ylabel("ms per step (epsilon 3)"); f.set_title("cost per step (fastest of three runs)")
+    for ax in (a, b, c, d, e):
         ax.set_xticks(x)
         ax.set_xticklabels([f"{v:g}" for v in x])
         ax.minorticks_off()

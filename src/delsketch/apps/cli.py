@@ -301,8 +301,8 @@ def resolve_outputs(task, queries: list[str]) -> list:
               help="also show the change and its stderr truncated at every degree (bias vs noise; the sketch's terms)")
 @click.option("--method", default="auto", show_default=True,
               type=click.Choice(["auto", "sketch", "first_order+sketch", "first_order", "loo_sum", "exact", "retrain"]),
-              help="auto: retrain when every set retrains within --budget, else exact first order + the sketch's "
-                   "higher terms; the answer says which method it used")
+              help="auto: retrain when every set retrains within --budget, else summed exact leave-one-out effects "
+                   "when n retrains cost no more than the precompute, else exact first order; the answer says which")
 @click.option("--budget", "budget_s", type=float, default=30.0, show_default=True,
               help="seconds of retraining auto may spend to answer exactly")
 @json_option

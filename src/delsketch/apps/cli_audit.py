@@ -205,6 +205,98 @@ def membership_cmd(preset, data, steps, sets, models, bootstrap, seed, out_dir, 
     click.echo(f"wrote {out / 'roc.png'} and {out / 'membership.json'}")
 
 
+def _int_list(s: str, option: str) -> list[int]:
+    try:
+        out = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"bad {option} {s!r} (expected whole numbers separated by commas, e.g. 1,2,4,8)") from None
+    if not out:
+        raise ValueError(f"{option} is empty")
+    return out
+
+
+def run_experiment(name: str, preset, data, steps, sets, out: Path, route="loo", metric="loss", copies="1,2,4,8",
+                   examples=16, neighbours=5, top=16, widths="8,16,32,64,128", width_key="hidden", sample=100,
+                   models=16, seed=0) -> tuple[dict, list[Path]]:
+    """Run one experiment, write ``<name>.json`` and its PNGs into ``out``; return the result and the files."""
+    from ..audit import experiments as ex
+    from . import audit_plots as ap
+
+    if name == "size":
+        ws = _int_list(widths, "--widths")
+        sets = tuple(kv for kv in sets if kv.partition("=")[0] != width_key)
+        res = ex.size(lambda w: _task(preset, data, steps, sets + (f"{width_key}={w}",)), widths=ws, sample=sample,
+                      models=models, route=route, metric=metric, seed=seed, width_name=width_key)
+        files = [out / "size.png"]
+        ap.plot_size(res, files[0])
+    else:
+        task = _task(preset, data, steps, sets)
+        if name == "repetition":
+            res = ex.repetition(task, copies=_int_list(copies, "--copies"), examples=examples, route=route,
+                                metric=metric, seed=seed)
+            files = [out / "repetition.png"]
+            ap.plot_repetition(res, files[0])
+        else:
+            res = ex.novelty(task, route=route, metric=metric, neighbours=neighbours, top=top)
+            files = [out / "novelty.png", out / "novelty-examples.png"]
+            ap.plot_novelty(res, files[0])
+            ap.plot_most_memorized(res, files[1])
+    files.append(out / f"{name}.json")
+    write_json(files[-1], res)
+    return res, files
+
+
+def _experiment_lines(res: dict) -> list[str]:
+    """A few plain lines summarizing an experiment (the CLI and the report)."""
+    e = res["experiment"]
+    if e == "repetition":
+        L = [f"route {res['route']} ({res['definition']}); {res['orientation']}; error bar: {res['error_bar']}"]
+        L += [f"{r['copies']:>3} occurrences: all deleted {r['all_copies']['mean']:+.4f} ± {r['all_copies']['stderr']:.2g}"
+              f"   original only {r['one_copy']['mean']:+.4f} ± {r['one_copy']['stderr']:.2g}" for r in res["rows"]]
+        return L
+    if e == "novelty":
+        L = [f"route {res['route']} ({res['definition']}); atypicality: {res['atypicality']['features']}"]
+        L += [f"Spearman(memorization, {k}) = {v['rho']:.3f} (p = {v['p_value']:.2g}, {v['examples']} examples)"
+              for k, v in res["spearman"].items()]
+        return L
+    w = res["width_name"]
+    L = [f"route {res['route']}; self-influence over {len(res['sample'])} sampled examples; {res['models']} shadow models"]
+    L += [f"{w} {r[w]:>5} ({r['parameters']} parameters): self-influence {r['self_influence']['mean']:+.4f} ± "
+          f"{r['self_influence']['stderr']:.2g}, LiRA AUC {r['membership']['lira_online_fixed_variance']['auc']:.3f}, "
+          f"loss-threshold AUC {r['membership']['loss_threshold']['auc']:.3f}" for r in res["rows"]]
+    return L
+
+
+@audit.command("experiment")
+@click.argument("name", type=click.Choice(["repetition", "novelty", "size"]))
+@task_options
+@click.option("--route", type=click.Choice(["loo", "first_order"]), default="loo", show_default=True)
+@click.option("--metric", type=click.Choice(["loss", "margin", "token_accuracy"]), default="loss", show_default=True)
+@click.option("--copies", default="1,2,4,8", show_default=True, help="repetition: occurrences of each chosen example")
+@click.option("--examples", type=int, default=16, show_default=True, help="repetition: examples duplicated")
+@click.option("--neighbours", type=int, default=5, show_default=True, help="novelty: nearest neighbours")
+@click.option("--top", type=int, default=16, show_default=True, help="novelty: most memorized examples shown")
+@click.option("--widths", default="8,16,32,64,128", show_default=True, help="size: model widths")
+@click.option("--width-key", default="hidden", show_default=True, help="size: the preset setting that is the width")
+@click.option("--sample", type=int, default=100, show_default=True, help="size: examples scored per width")
+@click.option("--models", type=int, default=16, show_default=True, help="size: shadow models per width")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "out_dir", default="delsketch-experiment", show_default=True, help="PNG(s) and <name>.json")
+@click.option("--json", "json_out", is_flag=True)
+def experiment_cmd(name, preset, data, steps, sets, route, metric, copies, examples, neighbours, top, widths,
+                   width_key, sample, models, seed, out_dir, json_out):
+    """The causes of memorization: repetition (duplicate examples k times), novelty (memorization vs
+    atypicality, the most memorized examples shown), size (memorization and membership inference vs width)."""
+    res, files = run_experiment(name, preset, data, steps, sets, Path(out_dir), route, metric, copies, examples,
+                                neighbours, top, widths, width_key, sample, models, seed)
+    if json_out:
+        sys.stdout.write(json.dumps(res, indent=1) + "\n")
+        return
+    for line in _experiment_lines(res):
+        click.echo(line)
+    click.echo("wrote " + ", ".join(str(f) for f in files))
+
+
 @audit.command("report")
 @task_options
 @click.option("--route", type=click.Choice(["first_order", "subsampled", "loo"]), default="first_order", show_default=True,
@@ -214,15 +306,26 @@ def membership_cmd(preset, data, steps, sets, models, bootstrap, seed, out_dir, 
 @click.option("--repeats", default="1,2,4,8", show_default=True, help="canary copies")
 @click.option("--top", type=int, default=20, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--experiments", default="repetition,novelty,size", show_default=True,
+              help="the causes of memorization to include (comma list, or 'none'); size needs a width setting")
+@click.option("--widths", default="8,16,32,64,128", show_default=True, help="size experiment: model widths")
+@click.option("--sample", type=int, default=100, show_default=True, help="size experiment: examples scored per width")
 @click.option("--out", "out_dir", default="delsketch-audit", show_default=True)
-def report_cmd(preset, data, steps, sets, route, verify, models, repeats, top, seed, out_dir):
+def report_cmd(preset, data, steps, sets, route, verify, models, repeats, top, seed, experiments, widths, sample,
+               out_dir):
     """Run the audit and write report.md + PNGs + report.json: most memorized examples (verified by
-    leave-one-out retraining), the histogram, membership inference with its ROC, canary exposure."""
+    leave-one-out retraining; digits as an image grid, text as a list), the histogram, membership inference with
+    its ROC, canary exposure, and the three causes of memorization as experiments."""
     from ..audit import canary_audit, membership_audit, memorization
-    from .audit_plots import plot_exposure, plot_histogram, plot_roc
+    from ..tasks import preset_overrides
+    from .audit_plots import plot_exposure, plot_histogram, plot_most_memorized, plot_roc
 
+    exps = [] if experiments.strip().lower() == "none" else [e.strip() for e in experiments.split(",") if e.strip()]
+    for e in exps:
+        if e not in ("repetition", "novelty", "size"):
+            raise ValueError(f"unknown experiment {e!r} (choose from: repetition, novelty, size, or none)")
     task = _task(preset, data, steps, sets)
-    reps = [int(x) for x in repeats.split(",")]
+    reps = _int_list(repeats, "--repeats")
     out = Path(out_dir)
     mem = memorization(task, route=route, models=max(models, 2), seed=seed)
     ranked = mem.ranking()
@@ -230,10 +333,23 @@ def report_cmd(preset, data, steps, sets, route, verify, models, repeats, top, s
     mia = membership_audit(task, models=models, seed=seed)
     can = canary_audit(task, repeats=reps, seed=seed)
     plot_histogram(mem.scores, out / "memorization.png", f"{task.name}: {mem.route} self-influence ({mem.metric})")
+    from ..audit.experiments import _describe
+
+    grid = {"task": task.name, "route": mem.route, "metric": mem.metric, "most_memorized": [
+        {"index": i, "score": mem.scores[mem.indices.index(i)], **_describe(task, i)} for i in ranked[:top]]}
+    plot_most_memorized(grid, out / "most-memorized.png")
+    exp_res, skipped = {}, {}
+    for e in exps:
+        if e == "size" and "hidden" not in preset_overrides(preset):
+            skipped[e] = f"preset {preset!r} has no width setting (hidden)"
+            continue
+        exp_res[e], _ = run_experiment(e, preset, data, steps, sets, out, route=route if route != "subsampled" else "loo",
+                                       widths=widths, sample=sample, models=max(models, 4), seed=seed)
     plot_roc(mia["attacks"], out / "roc.png")
     plot_exposure(can["canaries"], out / "exposure.png")
     write_json(out / "report.json", {"memorization": mem.to_json(), "verification": check.to_json() if check else None,
-                                     "membership": mia, "canaries": can})
+                                     "membership": mia, "canaries": can, "experiments": exp_res,
+                                     "experiments_skipped": skipped})
     L = [f"# Memorization audit: {task.name} ({task.n} training examples, {task.steps} steps)", "",
          "## Most memorized examples", "",
          f"Route `{mem.route}`: {mem.definition}. {mem.orientation}. Error bar: {mem.error_bar}. Cost: {mem.cost}.", "",
@@ -243,7 +359,7 @@ def report_cmd(preset, data, steps, sets, route, verify, models, repeats, top, s
         j = mem.indices.index(i)
         L.append(f"| {k + 1} | {i} | {_example(task, i)} | {mem.scores[j]:+.4g} | {mem.stderr[j]:.2g} | "
                  f"{format(loo[i], '+.4g') if i in loo else ''} |")
-    L += ["", "![histogram](memorization.png)", "", "## Membership inference", "",
+    L += ["", "![most memorized](most-memorized.png)", "", "![histogram](memorization.png)", "", "## Membership inference", "",
           f"{mia['definition']}; {mia['models']} models, each in turn the target of the others (leave-one-model-out), "
           f"{mia['decisions']} decisions. 95 % bootstrap intervals.", "",
           "| attack | AUC | TPR @ 0.1 % FPR | TPR @ 1 % FPR |", "|---|---|---|---|"]
@@ -263,6 +379,18 @@ def report_cmd(preset, data, steps, sets, route, verify, models, repeats, top, s
                      f"{p['exposure']:.3f} [{p['interval'][0]:.3f}, {p['interval'][1]:.3f}] | "
                      f"{d['retrained']['exposure']:.3f} | {'yes' if d['within_error_bar'] else 'NO'} |")
     L += ["", "![exposure](exposure.png)", ""]
+    if exps:
+        L += ["## The causes of memorization", ""]
+        titles = {"repetition": "Repetition: duplicated examples", "novelty": "Novelty: atypical examples",
+                  "size": "Size: model width"}
+        figs = {"repetition": ["repetition.png"], "novelty": ["novelty.png", "novelty-examples.png"], "size": ["size.png"]}
+        for e in exps:
+            L += [f"### {titles[e]}", ""]
+            if e in skipped:
+                L += [f"Not run: {skipped[e]}.", ""]
+                continue
+            L += [f"    {line}" for line in _experiment_lines(exp_res[e])] + [""]
+            L += [f"![{e}]({f})" for f in figs[e]] + [f"", f"Every plotted number: `{e}.json`.", ""]
     from ..io import atomic_write_bytes
 
     atomic_write_bytes(out / "report.md", "\n".join(L).encode())

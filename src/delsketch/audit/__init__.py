@@ -6,6 +6,7 @@ one map function), ``memorization`` (self-influence by four routes), ``canaries`
 """
 
 from .canaries import Canary, candidate_losses, canary_audit, exposure, make_canaries, plant, predicted_exposure
+from .experiments import atypicality, duplicate, novelty, repetition, size
 from .memorization import ROUTES, MemorizationResult, memorization, sketch_self_influence
 from .mia import bootstrap_metrics, lira_attack, lira_scores, loss_threshold, membership_audit, roc_metrics, shadow_statistics
 from .outputs import view
@@ -15,5 +16,5 @@ __all__ = [
     "Canary", "candidate_losses", "canary_audit", "exposure", "make_canaries", "plant", "predicted_exposure",
     "ROUTES", "MemorizationResult", "memorization", "sketch_self_influence", "bootstrap_metrics", "lira_attack",
     "lira_scores", "loss_threshold", "membership_audit", "roc_metrics", "shadow_statistics", "view", "half_masks",
-    "map_jobs",
+    "map_jobs", "atypicality", "duplicate", "novelty", "repetition", "size",
 ]

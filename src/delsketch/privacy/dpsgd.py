@@ -55,12 +55,32 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {s.splitlines()[0] if s else ''}"
 
 
+def _linear_layers(model) -> Optional[dict]:
+    """``{param name: (module, kind)}`` when every parameter of ``model`` belongs to an ``nn.Linear`` (the
+    Linear-only fast path applies), else ``None``."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            for kind in ("weight", "bias"):
+                if getattr(mod, kind, None) is not None:
+                    out[f"{name}.{kind}" if name else kind] = (mod, kind)
+    names = {k for k, _ in model.named_parameters()}
+    return out if out and set(out) == names else None
+
+
+class _NotRankOne(Exception):
+    """The Linear-only fast path does not apply to this call (a layer used twice, inputs with extra dims...)."""
+
+
 class DPGradient:
     """``Task.gradient`` for DP-SGD (see the module docstring). ``denominator``: a number (the expected batch
     size) or ``None`` (each step's batch size)."""
 
     def __init__(self, max_grad_norm: float, noise_multiplier: float, seed: int, denominator: Optional[float],
-                 clip_eps: float = 1e-6, boundary_margin: float = 0.01, task_name: str = "task"):
+                 clip_eps: float = 1e-6, boundary_margin: float = 0.01, task_name: str = "task",
+                 model: Optional[torch.nn.Module] = None):
         self.C = float(max_grad_norm)
         self.sigma = float(noise_multiplier)
         self.seed = int(seed)
@@ -69,6 +89,12 @@ class DPGradient:
         self.margin = float(boundary_margin)
         self.task_name = task_name
         self._use_vmap = True
+        self._linear = _linear_layers(model)  # {param name: (module, "weight"|"bias")} or None
+        self._layers = [] if self._linear is None else [
+            (m, n, next((k for k, (m2, kd) in self._linear.items() if m2 is m and kd == "bias"), None))
+            for n, (m, kind) in self._linear.items() if kind == "weight"]
+        self._linear_checked = False  # the first use is compared with vmap; a mismatch switches the path off
+        self.path = "vmap"  # the per-example path the last plain step took: "linear", "vmap" or "loop"
         self._reset()
 
     def describe(self) -> dict:
@@ -100,6 +126,92 @@ class DPGradient:
         p = params if create_graph else {k: v.detach() for k, v in params.items()}
         g, losses = vmap(grad_and_value(one), in_dims=(None, 0))(p, idx)
         return g, losses
+
+    def _linear_grads(self, params: Params, example_losses: Callable, idx: Tensor, create_graph: bool):
+        """Per-example gradient norms of a Linear-only model without per-example gradients: one batch forward
+        recording every Linear's input ``a`` [b, in] and output, one backward to the outputs giving ``g`` [b, out]
+        (``g_i = d loss_i / d out_i`` for batch-independent losses). Example i's weight gradient is the rank-1
+        ``g_i a_i^T`` with norm ``||g_i|| ||a_i||``, its bias gradient ``g_i``. Returns (norms [b], losses [b],
+        ``combine(coef) -> {name: sum_i coef_i grad_i}``, computed as ``(coef * g)^T a``)."""
+        if set(params) != set(self._linear):
+            raise _NotRankOne("parameters other than Linear layers")
+        b = len(idx)
+        layers = self._layers  # [(module, weight name, bias name or None)]
+        seen: dict[int, tuple[Tensor, Tensor]] = {}
+
+        def hook(mod, inputs, output):
+            if id(mod) in seen:
+                raise _NotRankOne("a Linear layer is applied more than once")
+            seen[id(mod)] = (inputs[0], output)
+
+        handles = [m.register_forward_hook(hook) for m, _, _ in layers]
+        try:
+            p = params if create_graph else {k: v.detach().requires_grad_(True) for k, v in params.items()}
+            with torch.enable_grad():
+                losses = example_losses(p, idx)
+        finally:
+            for h in handles:
+                h.remove()
+        if tuple(losses.shape) != (b,) or len(seen) != len(layers):
+            raise _NotRankOne("losses are not one per example or a Linear layer is unused")
+        acts = []
+        for m, _, _ in layers:
+            a, out = seen[id(m)]
+            if a.dim() != 2 or a.shape[0] != b or out.dim() != 2 or not out.requires_grad:
+                raise _NotRankOne("a Linear layer's input is not [batch, features]")
+            acts.append(a)
+        with torch.enable_grad():
+            gs = torch.autograd.grad(losses.sum(), [seen[id(m)][1] for m, _, _ in layers], create_graph=create_graph)
+        sq = None
+        for (m, _, bias), a, g in zip(layers, acts, gs):
+            # ||g_i a_i^T||^2 + ||g_i||^2 = ||g_i||^2 (||a_i||^2 + 1)
+            a2 = (a * a).sum(1)
+            term = (g * g).sum(1) * (a2 + 1 if bias is not None else a2)
+            sq = term if sq is None else sq + term
+        pos = sq > 0
+        norms = torch.where(pos, sq, torch.ones_like(sq)).sqrt() * pos  # a zero gradient: norm 0, derivative 0
+
+        def combine(coef: Tensor) -> Params:
+            out = {}
+            for (m, weight, bias), a, g in zip(layers, acts, gs):
+                cg = coef[:, None] * g
+                out[weight] = cg.T @ a
+                if bias is not None:
+                    out[bias] = cg.sum(0)
+            return out
+
+        if not create_graph:
+            losses = losses.detach()
+        return norms, losses, combine
+
+    def _fast(self, params: Params, example_losses: Callable, idx: Tensor, create_graph: bool):
+        """The Linear-only path, or ``None`` where it does not apply. Its first use is checked against vmapped
+        per-example gradients (norms and a weighted sum); on a mismatch it is switched off."""
+        if self._linear is None:
+            return None
+        try:
+            norms, losses, combine = self._linear_grads(params, example_losses, idx, create_graph)
+        except _NotRankOne:
+            self._linear = None
+            return None
+        if not self._linear_checked:
+            try:
+                per, ref_losses = self._vmap_grads(params, example_losses, idx, create_graph)
+            except Exception:
+                return norms, losses, combine  # nothing to compare with; the loop would agree or fail alike
+            names = list(params)
+            ref = torch.stack([per[k].reshape(len(idx), -1).norm(2, dim=1) for k in names], 1).norm(2, dim=1)
+            coef = torch.linspace(0.5, 1.5, len(idx), dtype=torch.float64)
+            mine = combine(coef)
+            ok = torch.allclose(norms.detach(), ref.detach(), rtol=1e-9, atol=1e-12) and torch.allclose(
+                losses.detach(), ref_losses.detach(), rtol=1e-12, atol=1e-14) and all(
+                torch.allclose(mine[k].detach(), torch.einsum("b,b...->...", coef, per[k]).detach(), rtol=1e-9,
+                               atol=1e-12) for k in names)
+            if not ok:
+                self._linear = None
+                return None
+            self._linear_checked = True
+        return norms, losses, combine
 
     def _loop_grads(self, params: Params, example_losses: Callable, idx: Tensor, create_graph: bool):
         names = list(params)
@@ -155,23 +267,39 @@ class DPGradient:
                      else torch.zeros(v.shape, dtype=torch.float64) for k, v in params.items()}
             return torch.zeros((), dtype=torch.float64), grads
 
-        per, losses = self.per_example(params, example_losses, idx, create_graph)
         names = list(params)
-        ring = isinstance(losses, list)
-        if ring:
+        ring = any(taylor.is_series(v) for v in params.values())
+        fast = None if ring else self._fast(params, example_losses, idx, create_graph)
+        if fast is not None:
+            norms, losses, combine = fast
+            norm0 = norms.detach()
+            self.path = "linear"
+        else:
+            per, losses = self.per_example(params, example_losses, idx, create_graph)
+            ring = isinstance(losses, list)
+            if not ring:
+                self.path = "vmap" if self._use_vmap else "loop"
+        if fast is not None:
+            pass  # norms, norm0 and combine come from the Linear-only path
+        elif ring:
             sq = [sum((per[k][j] * per[k][j]).sum() for k in names) for j in range(b)]
             norms = [s.sqrt() if bool(_degree0(s) > 0) else s for s in sq]  # a zero gradient is never clipped
             norm0 = torch.stack([_degree0(v).reshape(()) for v in norms])
         else:
             norms = torch.stack([per[k].reshape(b, -1).norm(2, dim=1) for k in names], dim=1).norm(2, dim=1)
             norm0 = norms.detach()
-        clipped = (norm0 + self.clip_eps) > self.C  # the branch of the degree-0 value
-        gap = ((norm0 + self.clip_eps) / self.C - 1).abs()
+        shifted = norm0.numpy() + self.clip_eps  # (numpy: these few small ops cost less than in torch)
+        clipped_np = shifted > self.C
+        ratio = shifted / self.C
+        clipped = torch.from_numpy(clipped_np)  # the branch of the degree-0 value
+        gap = np.abs(ratio - 1)
         near = gap < self.margin
         rec["examples"] += b
-        rec["clipped"] += int(clipped.sum())
-        rec["near_boundary"] += int(near.sum())
-        rec["near_boundary_examples"].update(int(i) for i in idx[near].tolist())
+        rec["clipped"] += int(clipped_np.sum())
+        n_near = int(near.sum())
+        rec["near_boundary"] += n_near
+        if n_near:
+            rec["near_boundary_examples"].update(int(i) for i in idx.numpy()[near])
         rec["min_relative_gap"] = min(rec["min_relative_gap"], float(gap.min()))
 
         weights = None if w is None else 1 - w[idx]
@@ -183,7 +311,7 @@ class DPGradient:
         else:
             factors = torch.where(clipped, self.C / (norms + self.clip_eps), torch.ones_like(norms))
             coef = factors if weights is None else factors * weights
-            grads = {k: torch.einsum("b,b...->...", coef, per[k]) for k in names}
+            grads = combine(coef) if fast is not None else {k: torch.einsum("b,b...->...", coef, per[k]) for k in names}
             loss = (losses if weights is None else losses * weights).sum() / denom
         out = {}
         for k in names:

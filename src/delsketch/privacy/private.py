@@ -100,7 +100,8 @@ def make_private(task: Task, dp: DP) -> Task:
     else:
         schedule = [list(b) for b in task.schedule]
         denominator = None
-    hook = DPGradient(dp.max_grad_norm, sigma, dp.seed, denominator, dp.clip_eps, dp.boundary_margin, task.name)
+    hook = DPGradient(dp.max_grad_norm, sigma, dp.seed, denominator, dp.clip_eps, dp.boundary_margin, task.name,
+                      model=task.model)
     _check_per_example(task, hook, schedule)
     privacy = {
         **dp.to_json(),

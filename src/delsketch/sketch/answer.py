@@ -10,10 +10,12 @@ Methods (``Sketch.predict(..., method=...)``, ``delsketch predict --method``):
   n evaluations. ``auto``'s second choice, when they are cached or cost no more than the sketch's own precompute
   (deletions with weight 1 only).
 * ``first_order`` - the exact first-order term, by reverse mode through the run (cached beside the sketch).
+  ``auto``'s third choice, when neither retraining the sets nor the n leave-one-out runs fit the budget.
 * ``first_order+sketch`` - the exact degree-1 term plus the sketch's estimates of the higher terms where they
   lower the estimated error: for every set and output element the truncation degree r minimizes (sampling
   variance of the added terms 2..r) + (estimated size of the first term left out)^2, among the degrees whose
-  added terms each exceed 2 standard errors. ``auto``'s third choice.
+  added terms each exceed 2 standard errors. Measured (docs/answers.md) at 128 directions it was no better than
+  first order alone, so ``auto``'s third choice is ``first_order``; ask for it by name.
 * ``sketch`` - the sketch alone (unbiased, error bars; noisy for small deletions).
 * ``exact`` - the exact Taylor series along each set (one ring run per set).
 
@@ -288,15 +290,12 @@ def answer(sketch, output, delete, method: str = "auto", weight: float = 1.0, bu
                           f"(about {sketch.n * r:.3g} s, once, cached beside the sketch) cost no more than the sketch's "
                           "own precompute") + "; their sum keeps each example's own nonlinearity, which first order "
                        "misses (interactions between deleted examples are left out)")
-        elif sketch.degree >= 2:
-            method = "first_order+sketch"
-            why.append(f"auto chose first_order+sketch: retraining the {S} sets would take about {S * r:.3g} s (budget "
-                       f"{budget_s:g} s); the degree-1 term is exact (reverse mode), higher terms come from the sketch "
-                       "where they lower the estimated error")
         else:
             method = "first_order"
-            why.append("auto chose first_order: over the retraining budget, and a degree-1 sketch adds nothing to the "
-                       "exact degree-1 term")
+            why.append(f"auto chose first_order: retraining the {S} sets would take about {S * r:.3g} s (budget "
+                       f"{budget_s:g} s) and the n leave-one-out retrains about {sketch.n * r:.3g} s; the exact "
+                       "first-order term was the most accurate of the remaining methods in docs/answers.md "
+                       "(method='first_order+sketch' adds the sketch's higher terms where they exceed 2 s.e.)")
     t0 = time.perf_counter()
     if method == "retrain":
         with torch.no_grad():

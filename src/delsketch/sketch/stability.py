@@ -177,3 +177,52 @@ def vector_report(c: torch.Tensor, n: int, names: list, tolerance: float = 0.05)
     rep["verdict"] = (f"{verdict_of(float(rho[worst]))}: {counts['stable']} of {P} elements stable, {counts['marginal']} "
                       f"marginal, {counts['unstable']} unstable (worst {names[worst]}, decay {float(rho[worst]):.3g} per degree)")
     return rep
+
+# ---------------------------------------------------------------- gradient transforms with non-analytic branches
+_CLIPPING_CACHE: "weakref.WeakKeyDictionary" = None  # type: ignore[assignment]
+
+
+def clipping_diagnostics(task, steps=None):
+    """The clipping counts of a task whose gradient transform exposes ``diagnostics()`` (DP-SGD), for the run a
+    sketch's degree-0 part is: plain training of ``task`` for ``steps`` steps (default: all). Duck-typed: ``None``
+    for a task without such a transform. The counts are measured once per (transform, steps) in this process by
+    running that training (the degree-0 value of every ring run decides the same branches), so they do not depend
+    on what else ran before."""
+    global _CLIPPING_CACHE
+    import weakref
+
+    grad = getattr(task, "gradient", None)
+    diag = getattr(grad, "diagnostics", None)
+    if not callable(diag):
+        return None
+    if _CLIPPING_CACHE is None:
+        _CLIPPING_CACHE = weakref.WeakKeyDictionary()
+    per = _CLIPPING_CACHE.setdefault(grad, {})
+    key = len(task.schedule) if steps is None else int(steps)
+    if key not in per:
+        from ..training import train
+
+        train(task, steps=key)
+        per[key] = dict(diag())
+    return dict(per[key])
+
+
+def fold_clipping(report: dict, diagnostics) -> dict:
+    """``report`` with a ``clipping`` entry from a gradient transform's ``diagnostics()`` (``None``: unchanged).
+    When any example-step's degree-0 gradient norm lay within the transform's margin of the clipping bound the
+    verdict is downgraded: prefixed with ``"unreliable near the clipping boundary"`` (a deletion can move such a
+    norm across the bound, where the clip's series switches branch)."""
+    if diagnostics is None:
+        return report
+    out = dict(report)
+    near = int(diagnostics.get("near_boundary", 0))
+    out["clipping"] = {k: diagnostics.get(k) for k in ("steps", "examples", "clipped", "near_boundary",
+                                                        "near_boundary_examples", "boundary_margin",
+                                                        "min_relative_gap")}
+    if near > 0:
+        out["clipping"]["reliable"] = False
+        out["verdict"] = (f"unreliable near the clipping boundary ({near} example-steps within "
+                          f"{diagnostics.get('boundary_margin')} of C); {report.get('verdict', '')}").rstrip("; ")
+    else:
+        out["clipping"]["reliable"] = True
+    return out

@@ -37,7 +37,7 @@ from .core import FORMAT, Query, SketchError, StabilityWarning
 from .estimate import log_binom
 from .predict import effects as effects_fn
 from .predict import predict as predict_fn
-from .stability import element_stability, stability_report, vector_report
+from .stability import clipping_diagnostics, element_stability, fold_clipping, stability_report, vector_report
 
 def complex_to_real(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(t.contiguous())
@@ -393,5 +393,8 @@ class Sketch:
         if elements:
             return element_stability(c, self.n, tolerance)
         if out.size == 1:
-            return stability_report(c[:, :, 0], self.n, tolerance=tolerance, confidence=confidence)
-        return vector_report(c, self.n, out.element_names(), tolerance=tolerance)
+            report = stability_report(c[:, :, 0], self.n, tolerance=tolerance, confidence=confidence)
+        else:
+            report = vector_report(c, self.n, out.element_names(), tolerance=tolerance)
+        # a DP run's clipping boundary (duck-typed: the sketch layer does not import privacy)
+        return fold_clipping(report, clipping_diagnostics(self.task, self.manifest["config"].get("steps")))
