@@ -180,8 +180,11 @@ query_option = click.option("--query", "query", multiple=True, help="output to e
 @click.option("--chunk", type=int, default=64, show_default=True, help="directions per chunk (unit of work and of resumption)")
 @click.option("--workers", type=int, default=1, show_default=True,
               help="processes computing chunks at once (2 on a 2-core machine halves the time); 0: one per core")
+@click.option("--executor", default=None, help="local | process | ray | ray://HOST:PORT (default: local, or process "
+              "with --workers > 1; 'ray' joins RAY_ADDRESS if set, else starts a local Ray runtime)")
+@click.option("--device", default=None, help="where the ring training runs, e.g. cuda (default: cpu)")
 @json_option
-def sketch(preset, data, steps, directions, degree, out_dir, seed, chunk, workers, json_out):
+def sketch(preset, data, steps, directions, degree, out_dir, seed, chunk, workers, executor, device, json_out):
     """Precompute a deletion sketch: m ring training runs at degree k."""
     from ..sketch import precompute
     from ..tasks import factory
@@ -200,7 +203,8 @@ def sketch(preset, data, steps, directions, degree, out_dir, seed, chunk, worker
 
         spec = task_spec(preset, data, steps)
         sk = precompute(task, out_dir, directions, degree, seed=seed, chunk=chunk, steps=None,
-                        progress=cb, task_spec=spec, task_factory=factory(spec), workers=workers or (os.cpu_count() or 1))
+                        progress=cb, task_spec=spec, task_factory=factory(spec), workers=workers or (os.cpu_count() or 1),
+                        executor=executor, device=device)
     wall = time.perf_counter() - t0
     info = {"out": str(out_dir), "directions": sk.m, "degree": sk.degree, "n": sk.n, "steps": sk.manifest["steps"],
             "seconds": round(wall, 3)}

@@ -18,7 +18,7 @@ from typing import Callable
 
 from ..training import Task
 
-__all__ = ["PRESETS", "get_preset", "preset_overrides", "build_from_spec", "factory"]
+__all__ = ["PRESETS", "get_preset", "preset_overrides", "build_from_spec", "factory", "load_task_file", "file_factory"]
 
 PRESETS: tuple[str, ...] = ("paper", "names", "digits")
 
@@ -81,3 +81,51 @@ def build_from_spec(spec: dict) -> Task:
 def factory(spec: dict) -> Callable[[], Task]:
     """A picklable zero-argument callable that rebuilds the task of ``spec`` (what worker processes call)."""
     return functools.partial(build_from_spec, dict(spec))
+
+
+def load_task_file(ref: str) -> Task:
+    """The task returned by ``function()`` in a Python file, named ``"path/to/file.py:function"``.
+
+    The file is run as a module (under a name derived from its absolute path), so the task a user defines in a
+    script can be rebuilt in worker processes and on Ray: see :func:`file_factory`."""
+    import hashlib
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path, sep, name = str(ref).rpartition(":")
+    if not sep or not path or not name.isidentifier():
+        raise ValueError(f"task reference {ref!r} must be 'path/to/file.py:function'")
+    p = Path(path).expanduser().resolve()
+    if not p.is_file():
+        raise ValueError(f"task file not found: {path}")
+    mod_name = "delsketch_task_" + hashlib.sha256(str(p).encode()).hexdigest()[:16]
+    mod = sys.modules.get(mod_name)
+    if mod is None:
+        spec = importlib.util.spec_from_file_location(mod_name, p)
+        if spec is None or spec.loader is None:
+            raise ValueError(f"cannot load {path} as Python (is it a .py file?)")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = mod
+        try:
+            spec.loader.exec_module(mod)
+        except BaseException:
+            del sys.modules[mod_name]
+            raise
+    fn = getattr(mod, name, None)
+    if not callable(fn):
+        raise ValueError(f"{path} defines no function {name!r}")
+    task = fn()
+    if not isinstance(task, Task):
+        raise ValueError(f"{ref}: the function must return a delsketch Task, got {type(task).__name__}")
+    return task
+
+
+def file_factory(ref: str) -> Callable[[], Task]:
+    """A picklable zero-argument callable that rebuilds the task of ``"file.py:function"`` (path made absolute)."""
+    from pathlib import Path
+
+    path, sep, name = str(ref).rpartition(":")
+    if sep and path:
+        ref = f"{Path(path).expanduser().resolve()}:{name}"
+    return functools.partial(load_task_file, ref)
