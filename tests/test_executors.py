@@ -215,3 +215,18 @@ def _busy(pids) -> bool:
             continue
         n += (int(f[11]) + int(f[12])) / tick > 1.0
     return n >= 2
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--executor", "dask"], "unknown executor 'dask'"),
+    (["--executor", "ray://"], "needs a host and port"),
+    (["--device", "warp-drive"], "unknown device 'warp-drive'"),
+    (["--executor", "local", "--workers", "2"], "executor 'local' runs one job at a time"),
+])
+def test_bad_executor_and_device_options_are_one_line_errors(args, needle, tmp_path, capsys):
+    from delsketch.apps.cli import main
+
+    rc = main(["sketch", "--preset", "digits", "--directions", "4", "--degree", "1", "--out", str(tmp_path / "s"), *args])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (rc, err)

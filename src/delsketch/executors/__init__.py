@@ -68,19 +68,19 @@ def _run_job(k: int, fn, task, args, cb: Optional[Callable[[float], None]]):
 # the task in a worker
 # ----------------------------------------------------------------------------------------------
 
-_TASKS: dict = {}  # fingerprint -> task, per worker process
+_TASKS: dict = {}  # (factory, fingerprint) -> task, per worker process (Ray reuses its workers)
 
 
 def _task_for(factory: Factory, fingerprint: Optional[str]):
-    if fingerprint is not None and fingerprint in _TASKS:
-        return _TASKS[fingerprint]
+    key = (repr(factory), fingerprint)  # two factories may build tasks of one fingerprint that act differently
+    if key in _TASKS:
+        return _TASKS[key]
     task = factory()
-    got = task.fingerprint()
-    if fingerprint is not None and got != fingerprint:
+    if fingerprint is not None and task.fingerprint() != fingerprint:
         raise ExecutorError("a worker rebuilt a different task from the factory (fingerprints differ): it would "
                             "compute another task's results")
     _TASKS.clear()  # one task per worker at a time
-    _TASKS[got] = task
+    _TASKS[key] = task
     return task
 
 
@@ -334,9 +334,9 @@ class RayExecutor(Executor):
                             raise cause from None
                         raise
                     except rex.RayError as e:  # the worker or its node died more often than max_retries allows
-                        raise ExecutorError(f"job {k}: its Ray worker died {self.max_retries + 1} times "
-                                            f"(max_retries={self.max_retries}): "
-                                            f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+                        tries = self.max_retries + 1
+                        raise ExecutorError(f"job {k}: its Ray worker died on each of {tries} tr{'ies' if tries > 1 else 'y'} "
+                                            f"(max_retries={self.max_retries}): {type(e).__name__}") from None
                     on_result(k, out[k])
         except BaseException:
             for ref in list(inflight):
@@ -363,7 +363,7 @@ def get_executor(spec: Union[str, Executor, None] = None, workers: Optional[int]
     if isinstance(spec, Executor):
         return spec
     if spec is None:
-        spec = "local" if not workers or workers == 1 else "process"
+        spec = "local" if workers is None or workers == 1 else "process"
     spec = str(spec).strip()
     if workers is not None and int(workers) < 0:
         raise ExecutorError(f"workers must be 0 (one per core) or more, got {workers}")

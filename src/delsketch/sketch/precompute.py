@@ -34,7 +34,7 @@ def precompute(
     task_factory: Optional[Callable[[], Task]] = None,
     max_chunks: Optional[int] = None,
     only_chunks: Optional[Sequence[int]] = None,
-    workers: int = 1,
+    workers: Optional[int] = None,
     executor: Union[str, Executor, None] = None,
     device: Union[str, torch.device, None] = None,
 ) -> "Sketch":
@@ -50,8 +50,8 @@ def precompute(
     Chunks are jobs of a :mod:`delsketch.executors` farm: ``executor`` is ``"local"`` (this process),
     ``"process"`` (``workers`` spawned processes, one torch thread each; on a 2-core machine two workers do
     about twice the work of one), ``"ray"`` / ``"ray://HOST:PORT"`` (a Ray cluster), or an
-    :class:`~delsketch.executors.Executor`; the default is ``"local"`` for ``workers=1`` and ``"process"``
-    above. Executors other than ``"local"`` rebuild the task in their workers by calling ``task_factory`` (a
+    :class:`~delsketch.executors.Executor`; the default is ``"local"``, or ``"process"`` for ``workers`` > 1
+    (``workers=None``: one per core for ``"process"``, the cluster's CPUs for ``"ray"``). Executors other than ``"local"`` rebuild the task in their workers by calling ``task_factory`` (a
     picklable zero-argument callable: ``delsketch.tasks.factory(spec)``, or
     ``functools.partial(delsketch.tasks.load_task_file, "file.py:function")``), so it is required then; the
     bytes are those of one process with one torch thread, whichever executor computed which chunk, so one
@@ -68,9 +68,9 @@ def precompute(
     """
     cfg = SketchConfig(directions=directions, degree=degree, seed=seed, chunk=chunk, steps=steps)
     cfg.validate(task)
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
-    executor = get_executor(executor, workers if executor is None or workers != 1 else None)
+    executor = get_executor(executor, workers)
     if executor.remote and task_factory is None:
         raise ValueError(f"executor {executor.name!r} needs task_factory (its workers rebuild the task with it: "
                          "delsketch.tasks.factory(spec) for a preset, delsketch.tasks.load_task_file for a task "
