@@ -304,6 +304,8 @@ class RayExecutor(Executor):
             ray.init(address=address, **kw)
         except Exception as e:  # noqa: BLE001 - connection failures come in many types
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if address and "RAY_AUTH_MODE" not in os.environ:
+                msg += " (a cluster started by 'ray start' checks a token: set RAY_AUTH_MODE=token here)"
             raise ExecutorError(f"cannot {'join the Ray cluster at ' + address if address else 'start Ray'}: {msg}") from None
         return ray, True
 
