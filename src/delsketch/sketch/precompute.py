@@ -51,9 +51,10 @@ def precompute(
     ``"process"`` (``workers`` spawned processes, one torch thread each; on a 2-core machine two workers do
     about twice the work of one), ``"ray"`` / ``"ray://HOST:PORT"`` (a Ray cluster), or an
     :class:`~delsketch.executors.Executor`; the default is ``"local"``, or ``"process"`` for ``workers`` > 1
-    (``workers=None``: one per core for ``"process"``, the cluster's CPUs for ``"ray"``). Executors other than ``"local"`` rebuild the task in their workers by calling ``task_factory`` (a
-    picklable zero-argument callable: ``delsketch.tasks.factory(spec)``, or
-    ``functools.partial(delsketch.tasks.load_task_file, "file.py:function")``), so it is required then; the
+    (``workers=None``: one per core for ``"process"``, the cluster's CPUs for ``"ray"``). Executors other than
+    ``"local"`` rebuild the task in their workers by calling ``task_factory`` (a picklable zero-argument
+    callable: ``delsketch.tasks.factory(spec)``, or ``delsketch.tasks.file_factory("file.py:function")``), so
+    it is required then; the
     bytes are those of one process with one torch thread, whichever executor computed which chunk, so one
     executor resumes another's partial sketch. Local workers are spawned, so a script that uses them needs the
     usual ``if __name__ == "__main__":`` guard. ``device`` (e.g. ``"cuda"``) runs the ring training there
@@ -73,8 +74,8 @@ def precompute(
     executor = get_executor(executor, workers)
     if executor.remote and task_factory is None:
         raise ValueError(f"executor {executor.name!r} needs task_factory (its workers rebuild the task with it: "
-                         "delsketch.tasks.factory(spec) for a preset, delsketch.tasks.load_task_file for a task "
-                         "defined in a file)")
+                         "delsketch.tasks.factory(spec) for a preset, delsketch.tasks.file_factory('file.py:function') "
+                         "for a task defined in a file)")
     device = _check_device(device, here=executor.name != "ray")
     if device is not None and device.startswith("cuda") and getattr(executor, "num_gpus", None) == 0:
         executor = copy.copy(executor)
