@@ -172,3 +172,21 @@ def test_a_killed_driver_resumes_from_the_finished_jobs(cluster, tmp_path, capsy
     assert main([*args, "--out", str(out)]) == 0
     assert {name: (out / name).stat().st_mtime_ns for name in recorded} == kept  # not recomputed
     assert files(out) == files(clean)
+
+
+def test_first_order_effects_farmed_on_ray_are_the_same_bits(cluster, task):
+    """Exact first-order effects of 4 outputs in 3 Ray jobs (one recorded run each) equal the in-process ones bit
+    for bit, and each column equals the finite difference of real retraining with w_i = +-h (central, h=1e-5)."""
+    import torch
+
+    from delsketch.sketch import first_order
+    from delsketch.training import train
+
+    qs = ["test:0", "test:3", "train:1", "test:mean"]
+    here = first_order(task, qs)
+    there = first_order(task, qs, executor=RayExecutor(workers=2), task_factory=factory(SPEC), groups=3)
+    assert torch.equal(here, there)
+    i, h = 5, 1e-5
+    w = torch.zeros(task.n, dtype=torch.float64)
+    f = lambda s: float(task.query(train(task, w=w + s * h * (torch.arange(task.n) == i)), "test:0"))
+    assert here[i, 0].item() == pytest.approx((f(1) - f(-1)) / (2 * h), rel=1e-6, abs=1e-10)

@@ -63,6 +63,9 @@ def first_order(
     queries: Sequence[Query],
     steps: Optional[int] = None,
     callback=None,
+    executor=None,
+    task_factory=None,
+    groups: Optional[int] = None,
 ) -> torch.Tensor:
     """Exact first-order effects: ``E[i, q] = d f_q / d w_i`` at ``w = 0`` for every training example i.
 
@@ -75,10 +78,25 @@ def first_order(
     paper's 1000-step microgpt). Returns ``[n, len(queries)]`` float64.
 
     Needs an optimizer whose update is differentiable (the built-in SGD, Adam, AdamW are; see
-    :func:`delsketch.training.optim.differentiable`)."""
+    :func:`delsketch.training.optim.differentiable`).
+
+    ``executor`` (``"process"``, ``"ray"``, an :class:`~delsketch.executors.Executor`; with ``task_factory``,
+    see :func:`delsketch.sketch.precompute`) splits the outputs into ``groups`` contiguous groups (default: one
+    per output) computed as separate jobs, each recording the run once: the same numbers, bit for bit, for
+    the price of one recorded run per group. Outputs must then be names (strings), not callables."""
 
     if len(queries) == 0:
         raise ValueError("first_order needs at least one query")
+    if executor is not None:
+        from ..executors import get_executor
+
+        if not all(isinstance(q, str) for q in queries):
+            raise ValueError("first_order on an executor needs outputs named by strings (callables stay local)")
+        g = len(queries) if groups is None else max(1, min(int(groups), len(queries)))
+        bounds = [round(i * len(queries) / g) for i in range(g + 1)]
+        jobs = [(list(queries[a:b]), steps) for a, b in zip(bounds, bounds[1:])]
+        parts = get_executor(executor).map(_first_order_job, jobs, task=task, factory=task_factory)
+        return torch.cat(parts, 1)
     w = torch.zeros(task.n, dtype=torch.float64, requires_grad=True)
     params = train(task, w=w, steps=steps, callback=callback, record=True)
     with torch.enable_grad():
@@ -96,3 +114,8 @@ def first_order(
             cols.append(torch.zeros(task.n, dtype=torch.float64) if g is None else g.detach())
     return torch.stack(cols, 1)
 
+
+
+def _first_order_job(task: Task, queries: list, steps: Optional[int]) -> torch.Tensor:
+    """One job of a farmed :func:`first_order`: the effects on a group of outputs."""
+    return first_order(task, queries, steps=steps)
