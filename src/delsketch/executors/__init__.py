@@ -267,13 +267,15 @@ class RayExecutor(Executor):
     used as it is. ``workers`` also bounds the jobs in flight (default: no bound, the cluster schedules).
     ``max_retries``: how often a job whose worker process died is run again (bounded; exceptions raised by the
     job are not retried). ``threads``: torch threads per job (default 1; ``None`` leaves them). ``num_cpus`` /
-    ``num_gpus``: resources each job asks for."""
+    ``num_gpus``: resources each job asks for. ``runtime_env``: Ray's, for a runtime this executor starts or
+    joins (e.g. ``{"py_modules": [delsketch]}`` on a cluster whose nodes lack delsketch)."""
 
     name = "ray"
     remote = True
 
     def __init__(self, address: Optional[str] = None, workers: Optional[int] = None, max_retries: int = 3,
-                 threads: Optional[int] = 1, num_cpus: float = 1, num_gpus: float = 0):
+                 threads: Optional[int] = 1, num_cpus: float = 1, num_gpus: float = 0,
+                 runtime_env: Optional[dict] = None):
         if workers is not None and int(workers) < 1:
             raise ExecutorError(f"workers must be at least 1, got {workers}")
         if int(max_retries) < 0:
@@ -281,6 +283,7 @@ class RayExecutor(Executor):
         self.address = address
         self.workers = None if workers is None else int(workers)
         self.max_retries, self.threads, self.num_cpus, self.num_gpus = int(max_retries), threads, num_cpus, num_gpus
+        self.runtime_env = runtime_env
 
     def describe(self) -> str:
         where = self.address or os.environ.get("RAY_ADDRESS") or "local runtime"
@@ -298,6 +301,8 @@ class RayExecutor(Executor):
 
         address = self.address or os.environ.get("RAY_ADDRESS") or None
         kw: dict = dict(logging_level=logging.WARNING, log_to_driver=False)
+        if self.runtime_env:
+            kw["runtime_env"] = self.runtime_env
         if address is None:
             kw.update(num_cpus=self.workers or os.cpu_count() or 1, include_dashboard=False)
         try:
