@@ -139,7 +139,7 @@ def test_a_killed_driver_resumes_from_the_finished_jobs(cluster, tmp_path, capsy
     """``delsketch sketch --executor ray`` in another process joins this cluster through RAY_ADDRESS and is
     SIGKILLed once some chunks are recorded; the same command run again (here, in-process) keeps those chunk
     files untouched, computes the rest, and the sketch is byte-identical to an uninterrupted build."""
-    args = ["sketch", "--preset", "digits", "--directions", "12", "--degree", "2", "--chunk", "2", "--seed", "3"]
+    args = ["sketch", "--preset", "digits", "--directions", "16", "--degree", "2", "--chunk", "2", "--seed", "3"]
     clean, out = tmp_path / "clean", tmp_path / "out"
     assert main([*args, "--out", str(clean)]) == 0
     env = dict(os.environ, RAY_ADDRESS=cluster, OMP_NUM_THREADS="1")
@@ -165,7 +165,7 @@ def test_a_killed_driver_resumes_from_the_finished_jobs(cluster, tmp_path, capsy
         if p.poll() is None:
             p.kill()
     recorded = json.loads(man.read_text())["chunks"]
-    assert 1 <= len(recorded) < 6, recorded
+    assert 1 <= len(recorded) < 8, recorded
     kept = {name: (out / name).stat().st_mtime_ns for name in recorded}
     time.sleep(0.5)  # the dead driver's Ray tasks are cancelled by the cluster
     capsys.readouterr()
