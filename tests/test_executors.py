@@ -230,3 +230,27 @@ def test_bad_executor_and_device_options_are_one_line_errors(args, needle, tmp_p
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (rc, err)
+
+
+def test_a_stored_farm_resumes_without_rerunning_finished_jobs(tmp_path):
+    """Leave-one-out retrains kept in a store: a bigger audit later reuses the finished retrains (their files are
+    untouched), a damaged result file is recomputed, and the scores equal an audit without a store."""
+    from delsketch.audit import memorization
+
+    task = build_from_spec(SPEC)
+    store = tmp_path / "jobs"
+    full = memorization(task, route="loo", indices=[0, 1, 2, 3])
+    part = memorization(task, route="loo", indices=[0, 1], store=store)
+    assert part.scores == memorization(task, route="loo", indices=[0, 1]).scores
+    first = {p.name: p.stat().st_mtime_ns for p in store.iterdir()}
+    assert len(first) == 2
+    again = memorization(task, route="loo", indices=[0, 1, 2, 3], store=store)
+    assert again.scores == full.scores
+    now = {p.name: p.stat().st_mtime_ns for p in store.iterdir()}
+    assert len(now) == 4 and all(now[k] == v for k, v in first.items())
+    victim = store / sorted(first)[0]
+    b = bytearray(victim.read_bytes())
+    b[-1] ^= 1
+    victim.write_bytes(bytes(b))
+    assert memorization(task, route="loo", indices=[0, 1, 2, 3], store=store).scores == full.scores
+    assert victim.read_bytes() != bytes(b)  # rewritten

@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Optional, Sequence, TypeVar
 import numpy as np
 import torch
 
-from ..executors import get_executor
+from ..executors import get_executor, map_stored
 from ..training import Task, train
 from ..training.loop import deletion_weights
 
@@ -22,10 +22,12 @@ T = TypeVar("T")
 
 
 def map_jobs(fn: Callable[..., T], jobs: Iterable[tuple], progress: Optional[Callable[[int], None]] = None,
-             task: Optional[Task] = None, executor=None, task_factory=None) -> list[T]:
+             task: Optional[Task] = None, executor=None, task_factory=None, store=None) -> list[T]:
     """``[fn(task, *job) for job in jobs]`` through ``executor`` (``None``: in this process; a name such as
     ``"process"``/``"ray"`` or a :class:`delsketch.executors.Executor`). Without ``task``: ``[fn(*job) ...]`` in
-    this process. ``progress(finished)`` counts finished jobs."""
+    this process. ``progress(finished)`` counts finished jobs. ``store`` (a directory): each job's result is
+    written there as it finishes and a rerun skips the jobs whose verified result is present
+    (:class:`delsketch.executors.ResultStore`)."""
     jobs = [tuple(j) for j in jobs]
     if task is None:
         out = []
@@ -42,6 +44,9 @@ def map_jobs(fn: Callable[..., T], jobs: Iterable[tuple], progress: Optional[Cal
         if progress is not None:
             progress(finished)
 
+    if store is not None:
+        return map_stored(get_executor(executor), fn, jobs, store, task=task, factory=task_factory,
+                          on_result=on_result)
     return get_executor(executor).map(fn, jobs, task=task, factory=task_factory, on_result=on_result)
 
 

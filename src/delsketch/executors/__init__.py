@@ -29,7 +29,7 @@ import time
 from typing import Any, Callable, Optional, Sequence, Union
 
 __all__ = ["Executor", "InProcess", "ProcessPool", "RayExecutor", "ExecutorError", "get_executor", "job_progress",
-           "EXECUTORS"]
+           "EXECUTORS", "ResultStore", "map_stored"]
 
 EXECUTORS = ("local", "process", "ray", "ray://HOST:PORT")
 
@@ -356,6 +356,163 @@ class RayExecutor(Executor):
             if started:
                 ray.shutdown()
         return out
+
+
+# ----------------------------------------------------------------------------------------------
+# results on disk: a farm that resumes
+# ----------------------------------------------------------------------------------------------
+
+
+def _hash_value(h, v) -> None:
+    import torch
+
+    if isinstance(v, torch.Tensor):
+        t = v.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{list(t.shape)}|".encode())
+        h.update(t.numpy().tobytes())
+    elif isinstance(v, (list, tuple)):
+        h.update(f"L{len(v)}|".encode())
+        for x in v:
+            _hash_value(h, x)
+    elif isinstance(v, dict):
+        h.update(f"D{len(v)}|".encode())
+        for k in sorted(v):
+            h.update(f"{k}|".encode())
+            _hash_value(h, v[k])
+    elif v is None or isinstance(v, (bool, int, float, str)):
+        h.update(f"{type(v).__name__}:{v!r}|".encode())
+    else:
+        raise ExecutorError(f"a stored farm's job arguments must be tensors, numbers, strings or lists of them, "
+                            f"not {type(v).__name__}")
+
+
+def _flatten(r, prefix: str, out: dict):
+    """A result of tensors / numbers / tuples / lists / dicts as flat tensors and a JSON structure."""
+    import torch
+
+    if isinstance(r, torch.Tensor):
+        out[prefix] = r.detach().cpu().contiguous()
+        return "t"
+    if isinstance(r, bool):
+        return ["b", r]
+    if isinstance(r, (int, float)):
+        out[prefix] = torch.tensor(r, dtype=torch.float64 if isinstance(r, float) else torch.int64)
+        return "f" if isinstance(r, float) else "i"
+    if isinstance(r, (list, tuple)):
+        return ["l" if isinstance(r, list) else "u", [_flatten(x, f"{prefix}.{i}", out) for i, x in enumerate(r)]]
+    if isinstance(r, dict):
+        return ["d", {k: _flatten(v, f"{prefix}.{k}", out) for k, v in r.items()}]
+    raise ExecutorError(f"a stored farm's results must be tensors, numbers, lists or dicts, not {type(r).__name__}")
+
+
+def _unflatten(shape, prefix: str, t: dict):
+    if shape == "t":
+        return t[prefix]
+    if shape == "f":
+        return float(t[prefix])
+    if shape == "i":
+        return int(t[prefix])
+    kind, body = shape
+    if kind == "b":
+        return body
+    if kind in ("l", "u"):
+        items = [_unflatten(x, f"{prefix}.{i}", t) for i, x in enumerate(body)]
+        return items if kind == "l" else tuple(items)
+    return {k: _unflatten(v, f"{prefix}.{k}", t) for k, v in body.items()}
+
+
+def _digest(tensors: dict) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        _hash_value(h, k)
+        _hash_value(h, tensors[k])
+    return h.hexdigest()
+
+
+class ResultStore:
+    """Each job's result in its own file ``DIR/job-<key>.safetensors``, written atomically as the job finishes;
+    ``key`` = sha256 of (task fingerprint, the job function's name, the job's arguments). A file is used instead
+    of running the job only if its tensors hash to the digest stored inside it and it carries that key, so a farm
+    killed halfway, or run by another executor, resumes with the same results; anything else is recomputed."""
+
+    def __init__(self, directory, fingerprint: str, fn):
+        from pathlib import Path
+
+        self.dir = Path(directory)
+        self.fingerprint, self.fn = fingerprint, f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', fn)}"
+
+    def key(self, job: tuple) -> str:
+        import hashlib
+
+        h = hashlib.sha256(f"{self.fingerprint}|{self.fn}|".encode())
+        _hash_value(h, list(job))
+        return h.hexdigest()
+
+    def path(self, job: tuple):
+        return self.dir / f"job-{self.key(job)[:32]}.safetensors"
+
+    def load(self, job: tuple):
+        """``(True, result)`` if a verified result of ``job`` is stored, else ``(False, None)``."""
+        import json
+
+        p = self.path(job)
+        if not p.is_file():
+            return False, None
+        try:
+            from safetensors import safe_open
+            from safetensors.torch import load_file
+
+            with safe_open(str(p), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("delsketch", "{}"))
+            t = load_file(p)
+            if meta.get("key") != self.key(job) or meta.get("digest") != _digest(t):
+                return False, None
+            return True, _unflatten(json.loads(meta["shape"]), "r", t)
+        except Exception:  # noqa: BLE001 - damaged or foreign: recomputed
+            return False, None
+
+    def save(self, job: tuple, result) -> None:
+        import json
+
+        from ..io import atomic_save_tensors
+
+        tensors: dict = {}
+        shape = _flatten(result, "r", tensors)
+        atomic_save_tensors(self.path(job), tensors, {"key": self.key(job), "digest": _digest(tensors),
+                                                      "shape": json.dumps(shape), "fn": self.fn})
+
+
+def map_stored(executor: "Executor", fn, jobs: Sequence[tuple], store, *, task=None, factory=None,
+               on_result: Optional[OnResult] = None) -> list:
+    """:meth:`Executor.map` whose results are kept in ``store`` (a directory): jobs with a verified stored
+    result are not run again (see :class:`ResultStore`)."""
+    jobs = [tuple(j) for j in jobs]
+    if task is None:
+        task = factory()
+    rs = ResultStore(store, task.fingerprint(), fn)
+    rs.dir.mkdir(parents=True, exist_ok=True)
+    out: list = [None] * len(jobs)
+    todo = []
+    for k, job in enumerate(jobs):
+        ok, r = rs.load(job)
+        if ok:
+            out[k] = r
+            if on_result:
+                on_result(k, r)
+        else:
+            todo.append(k)
+
+    def done(i, r):
+        k = todo[i]
+        rs.save(jobs[k], r)
+        out[k] = r
+        if on_result:
+            on_result(k, r)
+
+    executor.map(fn, [jobs[k] for k in todo], task=task, factory=factory, on_result=done)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
