@@ -121,20 +121,16 @@ def test_auto_over_budget_uses_the_cached_leave_one_out_parameters(setup):
 
 def test_auto_falls_back_to_first_order_when_even_loo_is_too_dear(setup, tmp_path):
     """The decision reads the recorded cost of one run: with 100 s per retrain neither the sets nor the n
-    leave-one-out runs fit, so auto answers with the exact first-order term and says why."""
-    task, sk, d = setup
-    answer_costs(sk)  # measured and recorded once
-    costs = json.loads((d / "costs.json").read_text())
-    try:
-        (d / "costs.json").write_text(json.dumps({**costs, "retrain_s": 100.0}))
-        fresh = Sketch.load(d, task)
-        p = fresh.predict("test:mean", SETS)
-        assert p.method == "first_order" and "auto chose first_order" in p.notes[0]
-        E = first_order(task, "test:mean")
-        torch.testing.assert_close(p.change, torch.stack([E[D].sum() for D in SETS]), rtol=1e-10, atol=1e-14)
-        assert any("retraining the 3 sets would take about 300 s" in n for n in p.notes)
-    finally:
-        (d / "costs.json").write_text(json.dumps(costs))
+    leave-one-out runs fit (and none are cached), so auto answers with the exact first-order term and says why."""
+    task = setup[0]
+    sk = precompute(task, tmp_path / "sk", directions=4, degree=3, chunk=4)
+    costs = answer_costs(sk)  # measured and recorded once
+    (tmp_path / "sk" / "costs.json").write_text(json.dumps({"fingerprint": costs["fingerprint"], "retrain_s": 100.0}))
+    p = Sketch.load(tmp_path / "sk", task).predict("test:mean", SETS)
+    assert p.method == "first_order" and "auto chose first_order" in p.notes[0]
+    E = first_order(task, "test:mean")
+    torch.testing.assert_close(p.change, torch.stack([E[D].sum() for D in SETS]), rtol=1e-10, atol=1e-14)
+    assert any("retraining the 3 sets would take about 300 s" in n for n in p.notes)
 
 
 def test_choose_degrees_on_known_terms():

@@ -198,15 +198,20 @@ query_option = click.option("--query", "query", multiple=True, help="output to e
 @click.option("--out", "out_dir", required=True, help="sketch directory (resumed if it holds a partial sketch)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--chunk", type=int, default=64, show_default=True, help="directions per chunk (unit of work and of resumption)")
-@click.option("--workers", type=int, default=1, show_default=True,
-              help="processes computing chunks at once (2 on a 2-core machine halves the time); 0: one per core")
+@click.option("--workers", type=int, default=None,
+              help="processes computing chunks at once (2 on a 2-core machine halves the time); 0: one per core "
+              "[default: 1, or one per core with --executor process]")
+@click.option("--executor", default=None, help="local | process | ray | ray://HOST:PORT (default: local, or process "
+              "with --workers > 1; 'ray' joins RAY_ADDRESS if set, else starts a local Ray runtime)")
+@click.option("--device", default=None, help="where the ring training runs, e.g. cuda (default: cpu)")
 @json_option
-def sketch(preset, task_ref, data, steps, sets, directions, degree, out_dir, seed, chunk, workers, json_out):
+def sketch(preset, task_ref, data, steps, sets, directions, degree, out_dir, seed, chunk, workers, executor, device,
+           json_out):
     """Precompute a deletion sketch: m ring training runs at degree k."""
     from ..sketch import precompute
     from ..tasks import factory
 
-    if workers < 0:
+    if workers is not None and workers < 0:
         raise CliError("--workers must be 0 (one per core) or more")
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise CliError(f"--out {out_dir} exists and is not a directory")
@@ -219,7 +224,8 @@ def sketch(preset, task_ref, data, steps, sets, directions, degree, out_dir, see
             bar.update(tid, completed=done, total=total)
 
         sk = precompute(task, out_dir, directions, degree, seed=seed, chunk=chunk, steps=None,
-                        progress=cb, task_spec=spec, task_factory=factory(spec), workers=workers or (os.cpu_count() or 1))
+                        progress=cb, task_spec=spec, task_factory=factory(spec), workers=(os.cpu_count() or 1) if workers == 0 else workers,
+                        executor=executor, device=device)
     wall = time.perf_counter() - t0
     info = {"out": str(out_dir), "directions": sk.m, "degree": sk.degree, "n": sk.n, "steps": sk.manifest["steps"],
             "seconds": round(wall, 3)}

@@ -86,11 +86,17 @@ def memorization(
     degree: Optional[int] = None,
     example_batch: int = 64,
     progress=None,
+    executor=None,
+    task_factory=None,
+    store=None,
 ) -> MemorizationResult:
     """Self-influence of the examples ``indices`` (default all) by ``route`` (see the module docstring).
 
     ``metric``: "loss" (any task), "margin" (classifiers), "token_accuracy" (text). ``sketch``: a loaded
     :class:`Sketch` of ``task`` (route "sketch"). ``models``: K for "subsampled". ``degree`` truncates the sketch.
+    ``executor`` / ``task_factory``: where the retrains of routes "loo" and "subsampled" run (see
+    :func:`delsketch.audit.runs.map_jobs`); the scores are the same bytes wherever they run. ``store``: a
+    directory keeping each retrain's result, so an interrupted audit resumes (any executor).
     """
     if route not in ROUTES:
         raise ValueError(f"unknown route {route!r} (choose from: {', '.join(ROUTES)})")
@@ -106,10 +112,9 @@ def memorization(
         base_params = train(task)
         before = _values(v, metric, base_params, idx)
 
-        def job(i):
-            return float(_values(v, metric, loo_params(task, i), [i])[0])
-
-        after = torch.tensor(map_jobs(job, [(i,) for i in idx], progress), dtype=torch.float64)
+        after = torch.tensor(map_jobs(_loo_job, [(metric, i) for i in idx], progress, task, executor, task_factory,
+                                      store),
+                             dtype=torch.float64)
         scores = sign * (after - before)
         stderr = torch.zeros_like(scores)
         base = before
@@ -138,7 +143,8 @@ def memorization(
                 "batched_evaluations": math.ceil(len(idx) / example_batch) * len(sketch.manifest["chunks"])}
         error_bar = f"standard error over {sketch.m} sketch directions"
     else:
-        scores, stderr, base, _ = subsampled_scores(task, metric, idx, models=models, seed=seed, progress=progress)
+        scores, stderr, base, _ = subsampled_scores(task, metric, idx, models=models, seed=seed, progress=progress,
+                                                    executor=executor, task_factory=task_factory, store=store)
         cost = {"retrains": models}
         error_bar = f"two-sample standard error over {models} models on random halves"
     cost["seconds"] = round(time.perf_counter() - t0, 3)
@@ -148,6 +154,14 @@ def memorization(
         base=[float(x) for x in base], cost=cost, n=task.n,
         config={"models": models if route == "subsampled" else None, "seed": seed, "degree": degree},
     )
+
+
+def _loo_job(task: Task, metric: str, i: int) -> float:
+    return float(_values(view(task), metric, loo_params(task, i), [i])[0])
+
+
+def _subset_job(task: Task, metric: str, idx, members: torch.Tensor) -> torch.Tensor:
+    return _values(view(task), metric, train_with_members(task, members), idx)
 
 
 def _own(fn, i, params):
@@ -185,14 +199,15 @@ def sketch_self_influence(sk: Sketch, idx: Sequence[int], degree: Optional[int] 
 
 
 def subsampled_scores(task: Task, metric: str, idx: Sequence[int], models: int = 8, seed: int = 0,
-                      masks: Optional[torch.Tensor] = None, progress=None):
+                      masks: Optional[torch.Tensor] = None, progress=None, executor=None, task_factory=None,
+                      store=None):
     """Train ``models`` models on random halves (or on ``masks [K, n]``) and return (score, stderr, mean IN value,
     per-model values [K, len(idx)]) of the counterfactual estimator."""
     v = view(task)
     if masks is None:
         masks = half_masks(task.n, models, seed)
-    vals = torch.stack(map_jobs(lambda mk: _values(v, metric, train_with_members(task, mk), idx),
-                                [(mk,) for mk in masks], progress))  # [K, b]
+    vals = torch.stack(map_jobs(_subset_job, [(metric, list(idx), mk) for mk in masks], progress, task, executor,
+                                task_factory, store))  # [K, b]
     return (*counterfactual(vals, masks[:, list(idx)], -METRICS[metric]), vals)
 
 

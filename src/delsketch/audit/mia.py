@@ -99,21 +99,24 @@ def lira_scores(target_phi: torch.Tensor, shadow_phi: torch.Tensor, shadow_in: t
 
 
 def shadow_statistics(task: Task, models: int = 16, seed: int = 0, masks: Optional[torch.Tensor] = None,
-                      progress=None) -> dict:
+                      progress=None, executor=None, task_factory=None, store=None) -> dict:
     """Train ``models`` models on random halves; return masks ``[K, n]`` and every model's per-example loss and
-    logit-scaled confidence ``[K, n]`` (all examples)."""
-    v = view(task)
+    logit-scaled confidence ``[K, n]`` (all examples). ``executor`` / ``task_factory``: where the shadow models
+    train (:func:`delsketch.audit.runs.map_jobs`); ``store``: a directory keeping each shadow model's statistics,
+    so an interrupted run resumes."""
+    view(task)  # a one-line error now if the task has no confidence to attack, not in a worker
     if masks is None:
         masks = half_masks(task.n, models, seed)
-    idx = torch.arange(task.n)
-
-    def job(mk):
-        p = train_with_members(task, mk)
-        with torch.no_grad():
-            return task.example_losses(p, idx).detach(), v.confidence(p, idx).detach()
-
-    res = map_jobs(job, [(mk,) for mk in masks], progress)
+    res = map_jobs(_shadow_job, [(mk,) for mk in masks], progress, task, executor, task_factory, store)
     return {"masks": masks, "loss": torch.stack([r[0] for r in res]), "phi": torch.stack([r[1] for r in res])}
+
+
+def _shadow_job(task: Task, members: torch.Tensor):
+    """One shadow model: every example's loss and logit-scaled confidence."""
+    p = train_with_members(task, members)
+    idx = torch.arange(task.n)
+    with torch.no_grad():
+        return task.example_losses(p, idx).detach(), view(task).confidence(p, idx).detach()
 
 
 def lira_attack(stats: dict, fprs: Sequence[float] = FPRS, bootstrap: int = 200, seed: int = 0) -> dict:
@@ -146,7 +149,8 @@ def lira_attack(stats: dict, fprs: Sequence[float] = FPRS, bootstrap: int = 200,
     return out
 
 
-def membership_audit(task: Task, models: int = 16, seed: int = 0, bootstrap: int = 200, progress=None) -> dict:
+def membership_audit(task: Task, models: int = 16, seed: int = 0, bootstrap: int = 200, progress=None,
+                     executor=None, task_factory=None, store=None) -> dict:
     """Shadow models on random halves, every attack evaluated leave-one-model-out, and beside LiRA's per-example
     score the counterfactual memorization of each example's loss from the same models (white-box risk ranking)
     with its Spearman correlation against LiRA's."""
@@ -157,7 +161,8 @@ def membership_audit(task: Task, models: int = 16, seed: int = 0, bootstrap: int
     from .memorization import DEFINITIONS, counterfactual
 
     t0 = time.perf_counter()
-    stats = shadow_statistics(task, models=models, seed=seed, progress=progress)
+    stats = shadow_statistics(task, models=models, seed=seed, progress=progress, executor=executor,
+                              task_factory=task_factory, store=store)
     out = lira_attack(stats, bootstrap=bootstrap, seed=seed)
     cf, se, _ = counterfactual(stats["loss"], stats["masks"], +1)
     out["counterfactual"] = {"definition": DEFINITIONS["subsampled"], "metric": "loss", "scores": cf.tolist(),

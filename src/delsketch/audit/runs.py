@@ -1,8 +1,8 @@
 """Training many models: leave-one-out retrains and models on random halves (shadow models).
 
-Every job is independent, so they all go through :func:`map_jobs` (in-process today). This is the one place
-to plug the executor interface (process pool / Ray) in: a job is ``(fn, args)`` with a picklable ``fn`` once
-tasks are rebuilt from a spec in workers, as the precompute does.
+Every job is independent, so they all go through :func:`map_jobs`, which hands them to an executor
+(:mod:`delsketch.executors`: in-process by default, local worker processes or Ray). A job is ``fn(task, *args)``
+with a module-level ``fn``; executors that run jobs elsewhere rebuild the task with ``task_factory``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Optional, Sequence, TypeVar
 import numpy as np
 import torch
 
+from ..executors import get_executor, map_stored
 from ..training import Task, train
 from ..training.loop import deletion_weights
 
@@ -20,14 +21,33 @@ __all__ = ["map_jobs", "half_masks", "train_with_members", "loo_params"]
 T = TypeVar("T")
 
 
-def map_jobs(fn: Callable[..., T], jobs: Iterable[tuple], progress: Optional[Callable[[int], None]] = None) -> list[T]:
-    """``[fn(*job) for job in jobs]``, in this process (the executor hook)."""
-    out = []
-    for k, job in enumerate(jobs):
-        out.append(fn(*job))
+def map_jobs(fn: Callable[..., T], jobs: Iterable[tuple], progress: Optional[Callable[[int], None]] = None,
+             task: Optional[Task] = None, executor=None, task_factory=None, store=None) -> list[T]:
+    """``[fn(task, *job) for job in jobs]`` through ``executor`` (``None``: in this process; a name such as
+    ``"process"``/``"ray"`` or a :class:`delsketch.executors.Executor`). Without ``task``: ``[fn(*job) ...]`` in
+    this process. ``progress(finished)`` counts finished jobs. ``store`` (a directory): each job's result is
+    written there as it finishes and a rerun skips the jobs whose verified result is present
+    (:class:`delsketch.executors.ResultStore`)."""
+    jobs = [tuple(j) for j in jobs]
+    if task is None:
+        out = []
+        for k, job in enumerate(jobs):
+            out.append(fn(*job))
+            if progress is not None:
+                progress(k + 1)
+        return out
+    finished = 0
+
+    def on_result(k, r):
+        nonlocal finished
+        finished += 1
         if progress is not None:
-            progress(k + 1)
-    return out
+            progress(finished)
+
+    if store is not None:
+        return map_stored(get_executor(executor), fn, jobs, store, task=task, factory=task_factory,
+                          on_result=on_result)
+    return get_executor(executor).map(fn, jobs, task=task, factory=task_factory, on_result=on_result)
 
 
 def half_masks(n: int, models: int, seed: int) -> torch.Tensor:

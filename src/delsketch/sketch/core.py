@@ -54,11 +54,12 @@ def weight_series(psi: torch.Tensor, degree: int) -> taylor.Series:
     return taylor.variable(c)
 
 
-def ring_train(task: Task, w: taylor.Series, steps: Optional[int] = None, callback=None) -> dict:
-    """One ring run: train the task with series weights ``w`` (parameters start as constants)."""
+def ring_train(task: Task, w: taylor.Series, steps: Optional[int] = None, callback=None, device=None) -> dict:
+    """One ring run: train the task with series weights ``w`` (parameters start as constants). ``device``: run
+    it there (see :func:`delsketch.training.train`); the returned series live on that device."""
     params0 = {k: taylor.lift(v, w.degree) for k, v in task.init_params().items()}
     with taylor.module_context():
-        return train(task, w=w, params=params0, steps=steps, callback=callback)
+        return train(task, w=w, params=params0, steps=steps, callback=callback, device=device)
 
 
 def evaluate(task: Task, params: dict, query) -> torch.Tensor:

@@ -91,6 +91,9 @@ def first_order(
     output,
     steps: Optional[int] = None,
     callback=None,
+    executor=None,
+    task_factory=None,
+    groups: Optional[int] = None,
 ):
     """Exact first-order effects: ``E[i, ...] = d f / d w_i`` at ``w = 0`` for every training example i.
 
@@ -103,9 +106,26 @@ def first_order(
 
     ``output``: any output; a list of query strings gives ``[n, len(list)]``. Returns ``[n, *out]`` float64 (a
     dict of those for a dict output). Needs an optimizer whose update is differentiable (the built-in SGD, Adam,
-    AdamW are; see :func:`delsketch.training.optim.differentiable`)."""
+    AdamW are; see :func:`delsketch.training.optim.differentiable`).
+
+    ``executor`` (``"process"``, ``"ray"``, an :class:`~delsketch.executors.Executor`; with ``task_factory``,
+    see :func:`delsketch.sketch.precompute`) splits a list of query strings into ``groups`` contiguous groups
+    (default: one per query) computed as separate jobs, each recording the run once: the same numbers, bit for
+    bit, for the price of one recorded run per group. Outputs must then be names (strings), not callables."""
     if isinstance(output, (list, tuple)) and len(output) == 0:
         raise ValueError("first_order needs at least one output")
+    if executor is not None:
+        from ..executors import get_executor
+
+        queries = [output] if isinstance(output, str) else list(output)
+        if not all(isinstance(q, str) for q in queries):
+            raise ValueError("first_order on an executor needs outputs named by strings (callables stay local)")
+        g = len(queries) if groups is None else max(1, min(int(groups), len(queries)))
+        bounds = [round(i * len(queries) / g) for i in range(g + 1)]
+        jobs = [(list(queries[a:b]), steps) for a, b in zip(bounds, bounds[1:])]
+        parts = get_executor(executor).map(_first_order_job, jobs, task=task, factory=task_factory)
+        E = torch.cat(parts, 1)
+        return E[:, 0] if isinstance(output, str) else E
     out = as_output(task, output)
     w = torch.zeros(task.n, dtype=torch.float64, requires_grad=True)
     params = train(task, w=w, steps=steps, callback=callback, record=True)
@@ -124,3 +144,8 @@ def first_order(
             (g,) = torch.autograd.grad(f[j], w, retain_graph=j < f.numel() - 1, allow_unused=True)
             cols.append(torch.zeros(task.n, dtype=torch.float64) if g is None else g.detach())
     return out.unflatten(torch.stack(cols, 1))
+
+
+def _first_order_job(task: Task, queries: list, steps: Optional[int]) -> torch.Tensor:
+    """One job of a farmed :func:`first_order`: the effects on a group of query strings, ``[n, len(queries)]``."""
+    return first_order(task, queries, steps=steps)

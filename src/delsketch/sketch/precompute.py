@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 import warnings
@@ -13,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from .. import series as taylor
+from ..executors import Executor, get_executor, job_progress
 from ..io import LockedError, atomic_save_tensors, directory_lock, sha256_file, write_json
 from ..training import Task
 from .core import FORMAT, RecoveryWarning, SketchError, directions, ring_train, weight_series
@@ -32,7 +34,9 @@ def precompute(
     task_factory: Optional[Callable[[], Task]] = None,
     max_chunks: Optional[int] = None,
     only_chunks: Optional[Sequence[int]] = None,
-    workers: int = 1,
+    workers: Optional[int] = None,
+    executor: Union[str, Executor, None] = None,
+    device: Union[str, torch.device, None] = None,
 ) -> "Sketch":
     """Build (or resume) a sketch in directory ``out``.
 
@@ -43,10 +47,18 @@ def precompute(
     ``only_chunks`` computes just those chunk indices: chunks are independent, so workers can build disjoint
     sets of chunk files elsewhere, and copying every chunk file into one directory and running ``precompute``
     there again (which finds them, verifies them and records them) assembles the sketch.
-    ``workers`` > 1 computes chunks in that many processes at once (one torch thread each; on a 2-core
-    machine two workers do about twice the work of one). The workers rebuild the task by calling ``task_factory``
-    (a picklable zero-argument callable, e.g. ``delsketch.tasks.factory(spec)``), so it is required then; the numbers are those of ``workers=1`` with one torch thread. The
-    workers are spawned, so a script that calls this needs the usual ``if __name__ == "__main__":`` guard.
+    Chunks are jobs of a :mod:`delsketch.executors` farm: ``executor`` is ``"local"`` (this process),
+    ``"process"`` (``workers`` spawned processes, one torch thread each; on a 2-core machine two workers do
+    about twice the work of one), ``"ray"`` / ``"ray://HOST:PORT"`` (a Ray cluster), or an
+    :class:`~delsketch.executors.Executor`; the default is ``"local"``, or ``"process"`` for ``workers`` > 1
+    (``workers=None``: one per core for ``"process"``, the cluster's CPUs for ``"ray"``). Executors other than
+    ``"local"`` rebuild the task in their workers by calling ``task_factory`` (a picklable zero-argument
+    callable: ``delsketch.tasks.factory(spec)``, or ``delsketch.tasks.file_factory("file.py:function")``), so
+    it is required then; the
+    bytes are those of one process with one torch thread, whichever executor computed which chunk, so one
+    executor resumes another's partial sketch. Local workers are spawned, so a script that uses them needs the
+    usual ``if __name__ == "__main__":`` guard. ``device`` (e.g. ``"cuda"``) runs the ring training there
+    (the task's own tensors must be usable on that device); the files are written from CPU copies.
 
     Resuming never trusts bytes it cannot verify: a recorded chunk is kept only if it hashes to its manifest
     record, an unrecorded one (copied in) only if its tensors hash to the digest stored inside it and it holds
@@ -57,23 +69,29 @@ def precompute(
     """
     cfg = SketchConfig(directions=directions, degree=degree, seed=seed, chunk=chunk, steps=steps)
     cfg.validate(task)
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
-    if workers > 1 and task_factory is None:
-        raise ValueError("workers > 1 needs task_factory (the workers rebuild the task with it); "
-                         "for a task built in Python run chunks in separate processes with only_chunks")
+    executor = get_executor(executor, workers)
+    if executor.remote and task_factory is None:
+        raise ValueError(f"executor {executor.name!r} needs task_factory (its workers rebuild the task with it: "
+                         "delsketch.tasks.factory(spec) for a preset, delsketch.tasks.file_factory('file.py:function') "
+                         "for a task defined in a file)")
+    device = _check_device(device, here=executor.name != "ray")
+    if device is not None and device.startswith("cuda") and getattr(executor, "num_gpus", None) == 0:
+        executor = copy.copy(executor)
+        executor.num_gpus = 1  # a Ray job on a GPU asks for one
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise SketchError(f"{out} exists and is not a directory; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     try:
         with directory_lock(out):
-            return _build(task, out, cfg, progress, task_spec, task_factory, max_chunks, only_chunks, workers)
+            return _build(task, out, cfg, progress, task_spec, task_factory, max_chunks, only_chunks, executor, device)
     except LockedError as e:
         raise SketchError(f"{e}: another precompute is writing this sketch; wait for it or choose another --out") from None
 
 
-def _build(task, out, cfg, progress, task_spec, task_factory, max_chunks, only_chunks, workers) -> "Sketch":
+def _build(task, out, cfg, progress, task_spec, task_factory, max_chunks, only_chunks, executor, device) -> "Sketch":
     """The body of :func:`precompute`, run while holding the directory's lock."""
     directions, degree, seed, chunk = cfg.directions, cfg.degree, cfg.seed, cfg.chunk
     for stale in out.glob(".*.tmp"):  # left by a killed writer; the files they were for are rewritten
@@ -140,37 +158,59 @@ def _build(task, out, cfg, progress, task_spec, task_factory, max_chunks, only_c
         timings["chunks"][name] = round(seconds, 3)
         write_json(tpath, timings)
 
-    if workers == 1 or not todo:  # (workers > 1 uses worker processes even for one chunk: same threads, same bits)
-        for ci, j0, count in todo:
-            base_done = done
+    if todo:
+        if executor.remote and task_factory().fingerprint() != task.fingerprint():
+            raise SketchError("task_factory does not rebuild this task (fingerprints differ): the workers would "
+                              "compute another task's sketch")
+        partial: dict[int, float] = {}  # job -> direction-steps reported by the running job
 
-            def cb(s, _b=base_done, _c=count):
-                if progress:
-                    progress(_b + (s + 1) * _c, total)
+        def on_progress(k: int, units: float) -> None:
+            partial[k] = units
+            if progress:
+                progress(done + sum(partial.values()), total)
 
-            base, seconds = _compute_chunk(task, out, ci, j0, count, seed, degree, n_steps, cb)
+        def on_result(k: int, res) -> None:
+            nonlocal done
+            ci, j0, count, base, seconds = res
+            partial.pop(k, None)
             done += count * n_steps
             record(ci, j0, count, base, seconds)
-    else:
-        _precompute_parallel(task, out, todo, seed, degree, n_steps, task_factory, min(workers, len(todo)),
-                             record, lambda d: progress(done + d, total) if progress else None)
+            if progress:
+                progress(done + sum(partial.values()), total)
+
+        jobs = [(str(out), ci, j0, count, seed, degree, n_steps, device) for ci, j0, count in todo]
+        executor.map(_chunk_job, jobs, task=task, factory=task_factory, on_result=on_result, on_progress=on_progress)
+    for stale in out.glob(".*.tmp"):  # a worker killed mid-write (its job was run again)
+        stale.unlink(missing_ok=True)
     # always (re)write the manifest: a resume repairs fields that were edited but do not change the sketch
     write_json(mpath, manifest(task, cfg, chunks, base_sha, task_spec))
     return Sketch.load(out, task)
 
 
+def _check_device(device, here: bool = True) -> Optional[str]:
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r} (e.g. cpu, cuda, cuda:1)") from None
+    if here and dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA device is available here")
+    return str(dev)
+
+
 def _compute_chunk(task: Task, out: Path, ci: int, j0: int, count: int, seed: int, degree: int, n_steps: int,
-                   cb: Callable[[int], None]) -> tuple[dict, float]:
+                   cb: Callable[[int], None], device: Optional[str] = None) -> tuple[dict, float]:
     """Ring-train directions ``j0 .. j0+count-1`` and write chunk file ``ci`` atomically.
 
     Returns the degree-0 parameters (plain training, the same in every chunk) and the wall time."""
     psi = directions(seed, range(j0, j0 + count), task.n)
     t0 = time.perf_counter()
-    params = ring_train(task, weight_series(psi, degree), steps=n_steps, callback=lambda s, loss: cb(s))
+    params = ring_train(task, weight_series(psi, degree), steps=n_steps, callback=lambda s, loss: cb(s), device=device)
     tensors = {"psi": complex_to_real(psi)}
     base = {}
     for k, v in params.items():
-        c = taylor.coefficients(v)
+        c = taylor.coefficients(v).cpu()
         c = c.expand(count, *c.shape[1:])
         base[k] = c[0, 0].real.clone()
         tensors[f"param.{k}"] = complex_to_real(c[:, 1:])
@@ -180,70 +220,17 @@ def _compute_chunk(task: Task, out: Path, ci: int, j0: int, count: int, seed: in
     return base, time.perf_counter() - t0
 
 
-# state of a worker process of _precompute_parallel
-_WORKER: dict = {}
-
-
-def _worker_init(task_factory: Callable[[], Task], fingerprint: str, queue) -> None:
-    torch.set_num_threads(1)
-    task = task_factory()
-    error = None if task.fingerprint() == fingerprint else "a worker rebuilt a different task from task_factory"
-    _WORKER.update(task=task, queue=queue, error=error)  # an initializer that raises breaks the pool
-
-
-def _worker_chunk(out: str, ci: int, j0: int, count: int, seed: int, degree: int, n_steps: int):
-    if _WORKER["error"]:
-        raise SketchError(_WORKER["error"])
-    queue = _WORKER["queue"]
+def _chunk_job(task: Task, out: str, ci: int, j0: int, count: int, seed: int, degree: int, n_steps: int,
+               device: Optional[str] = None):
+    """One job of the farm (any executor): chunk ``ci`` written to ``out``; progress in direction-steps."""
     every = max(1, n_steps // 200)
 
     def cb(s: int) -> None:
         if (s + 1) % every == 0 or s + 1 == n_steps:
-            queue.put((ci, (s + 1) * count))
+            job_progress((s + 1) * count)
 
-    base, seconds = _compute_chunk(_WORKER["task"], Path(out), ci, j0, count, seed, degree, n_steps, cb)
+    base, seconds = _compute_chunk(task, Path(out), ci, j0, count, seed, degree, n_steps, cb, device)
     return ci, j0, count, base, seconds
-
-
-def _precompute_parallel(task, out, todo, seed, degree, n_steps, task_factory, workers, record, progress) -> None:
-    """Chunks in ``workers`` spawned processes; the parent records each finished chunk and reports progress."""
-    import multiprocessing as mp
-    import queue as queue_mod
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-    if task_factory().fingerprint() != task.fingerprint():
-        raise SketchError("task_factory does not rebuild this task (fingerprints differ): the workers would "
-                          "compute another task's sketch")
-    ctx = mp.get_context("spawn")
-    q = ctx.Manager().Queue()
-    progress_by_chunk: dict[int, int] = {}
-    finished = 0
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                             initargs=(task_factory, task.fingerprint(), q)) as ex:
-        pending = {ex.submit(_worker_chunk, str(out), ci, j0, count, seed, degree, n_steps) for ci, j0, count in todo}
-        try:
-            while pending:
-                ready, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                while True:
-                    try:
-                        ci, d = q.get_nowait()
-                    except queue_mod.Empty:
-                        break
-                    progress_by_chunk[ci] = d
-                for f in ready:
-                    ci, j0, count, base, seconds = f.result()
-                    progress_by_chunk.pop(ci, None)
-                    finished += count * n_steps
-                    record(ci, j0, count, base, seconds)
-                progress(finished + sum(progress_by_chunk.values()))
-        except BaseException:  # Ctrl-C or a failed chunk: stop the other workers now, not after their chunks
-            for f in pending:
-                f.cancel()
-            for proc in list((getattr(ex, "_processes", None) or {}).values()):
-                proc.terminate()
-            raise
-
-
 
 
 def _verified_records(task: Task, out: Path, cfg: SketchConfig, task_spec) -> tuple[dict, Optional[str], set]:

@@ -19,7 +19,8 @@ from typing import Callable
 from ..training import Task
 from .user import load_task_file, task_file_spec
 
-__all__ = ["PRESETS", "get_preset", "preset_overrides", "build_from_spec", "factory", "load_task_file", "task_file_spec"]
+__all__ = ["PRESETS", "get_preset", "preset_overrides", "build_from_spec", "factory", "load_task_file", "task_file_spec",
+           "file_factory"]
 
 PRESETS: tuple[str, ...] = ("paper", "names", "digits")
 
@@ -87,3 +88,13 @@ def build_from_spec(spec: dict) -> Task:
 def factory(spec: dict) -> Callable[[], Task]:
     """A picklable zero-argument callable that rebuilds the task of ``spec`` (what worker processes call)."""
     return functools.partial(build_from_spec, dict(spec))
+
+
+def file_factory(ref: str) -> Callable[[], Task]:
+    """A picklable zero-argument callable that rebuilds the task of ``"file.py:function"`` (path made absolute)."""
+    from pathlib import Path
+
+    path, sep, name = str(ref).rpartition(":")
+    if sep and path:
+        ref = f"{Path(path).expanduser().resolve()}:{name}"
+    return functools.partial(load_task_file, ref)

@@ -74,6 +74,7 @@ def train(
     check_finite: bool = True,
     check_every: int = 50,
     record: bool = False,
+    device=None,
 ) -> Params:
     """Run steps ``0 .. steps-1`` of ``task.schedule`` and return the final parameters.
 
@@ -92,6 +93,10 @@ def train(
     of ``w`` (reverse mode through training, :func:`delsketch.sketch.first_order`); memory grows with
     the run.
 
+    ``device`` (e.g. ``"cuda"``): the parameters and ``w`` are moved there and the run executes inside
+    ``torch.device(device)`` (tensors the task creates land there too); tensors the task's functions hold
+    (data) must already be usable there. ``None``: where the parameters are (CPU for the presets).
+
     Returned parameters are detached float64 tensors (or Series) without ``requires_grad``, unless
     ``record``.
     """
@@ -104,12 +109,19 @@ def train(
         raise ValueError(f"w must have shape [{task.n}], got {list(w.shape)}")
     if params is None:
         params = task.init_params()
+    if device is not None:
+        device = torch.device(device)
+        params = {k: v.to(device) for k, v in params.items()}
+        if w is not None:
+            w = w.to(device)
     params = _fresh_leaves(params)
     names = list(params.keys())
     opt = task.optimizer
     state = opt.init(params)
     diverged = _DivergenceCheck()
     with contextlib.ExitStack() as stack:
+        if device is not None:
+            stack.enter_context(device)
         if record:
             stack.enter_context(torch.enable_grad())
             stack.enter_context(differentiable(opt))

@@ -149,7 +149,7 @@ class Task:
         h.update(json.dumps(self.examples, separators=(",", ":"), sort_keys=True, default=str).encode())
         h.update(b"\0init\0")
         for name, p in self.init_params().items():
-            t = p.detach().to(torch.float64).contiguous()
+            t = p.detach().to(torch.float64).cpu().contiguous()
             h.update(name.encode() + b"\0" + json.dumps(list(t.shape)).encode())
             h.update(t.numpy().tobytes())
         if self.data is not None or self.loss_fn is not None:
@@ -189,7 +189,7 @@ def _hash_tensors(h, tensors: dict) -> None:
         t = t.detach()
         if t.is_floating_point():
             t = t.to(torch.float64)
-        t = t.contiguous()
+        t = t.cpu().contiguous()
         h.update(f"{name}\0{list(t.shape)}\0{t.dtype}\0".encode())
         h.update(t.numpy().tobytes())
 
