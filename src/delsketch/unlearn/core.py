@@ -171,11 +171,12 @@ def _tensors(u: Unlearned) -> dict[str, Tensor]:
     return t
 
 
-def save(unlearned: Unlearned, out_dir: Union[str, Path]) -> Path:
+def save(unlearned: Unlearned, out_dir: Union[str, Path], task_spec: Optional[dict] = None) -> Path:
     """Write ``params.safetensors``, ``manifest.json`` and ``timings.json`` into ``out_dir``.
 
     An existing non-empty ``out_dir`` is refused unless it holds the same request (same method, settings, forget
-    sets and task fingerprint: the files are then rewritten to the same bytes); nothing else is overwritten."""
+    sets and task fingerprint: the files are then rewritten to the same bytes); nothing else is overwritten.
+    ``task_spec``: how to rebuild the task (the command line records its preset spec, for ``unlearn verify``)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UnlearnError(f"{out} exists and is not a directory")
@@ -197,7 +198,7 @@ def save(unlearned: Unlearned, out_dir: Union[str, Path]) -> Path:
     man = {**rec, "params": {"file": PARAMS_FILE, "sha256": sha256_file(out / PARAMS_FILE),
                              "shapes": {k: list(v.shape) for k, v in sorted(unlearned.params.items())},
                              "stderr": unlearned.stderr is not None},
-           "versions": versions()}
+           "task_spec": task_spec, "versions": versions()}
     write_json(out / MANIFEST_FILE, man)
     write_json(out / TIMINGS_FILE, {"seconds": round(unlearned.seconds, 6)})
     return out

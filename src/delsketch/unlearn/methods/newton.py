@@ -57,7 +57,7 @@ def retained_hessian(task, params, retain, n, access=None, block=256):
     return g.detach(), 0.5 * (H + H.T)
 
 
-def run(task, params, access, sketch=None, damping=1e-4, form="removal", max_params=5000):
+def run(task, params, access, sketch=None, damping=1e-2, form="removal", max_params=5000):
     if form not in FORMS:
         raise UnlearnError(f"newton: unknown form {form!r} (choose from: {', '.join(FORMS)})")
     names = list(params)
@@ -93,6 +93,6 @@ def run(task, params, access, sketch=None, damping=1e-4, form="removal", max_par
     return _unflat(theta_new, params, names), info
 
 
-register(Method("newton", run, "retain+forget", {"damping": 1e-4, "form": "removal", "max_params": 5000},
+register(Method("newton", run, "retain+forget", {"damping": 1e-2, "form": "removal", "max_params": 5000},
                 "one Newton step with the retained-data Hessian (small models)",
                 "the retained data (Hessian) and the forget set (its gradient)"))
