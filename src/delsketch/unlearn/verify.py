@@ -189,8 +189,14 @@ def _sketch_loss_terms(sk, fn, delete, degree=None) -> Tensor:
 
 
 def reference(task: Task, forgotten: Sequence[int], kind: str = "retrain", sketch=None, original: Optional[dict] = None,
-              test=None, relearn_lr: Optional[float] = None, relearn_max: int = 200) -> Reference:
-    """The reference model for deleting ``forgotten`` (computed once; pass it to :func:`verify` for every method)."""
+              test=None, relearn_lr: Optional[float] = None, relearn_max: int = 200, degree: Optional[int] = None,
+              param_degree: int = 1) -> Reference:
+    """The reference model for deleting ``forgotten`` (computed once; pass it to :func:`verify` for every method).
+
+    ``kind="sketch"``: the mean losses (forget, retain, test) are the sketch's own output estimates at ``degree``
+    (default: the sketch's) with standard errors; the reference *parameters* (for accuracies, MIA, KS, distance,
+    relearning) are the sketch's parameter prediction at ``param_degree`` (default 1, see
+    :mod:`delsketch.unlearn.methods.sketch` for why)."""
     from .methods.sketch import predicted_params
 
     forgotten = sorted({int(i) for i in forgotten})
@@ -204,17 +210,17 @@ def reference(task: Task, forgotten: Sequence[int], kind: str = "retrain", sketc
     elif kind == "sketch":
         if sketch is None:
             raise UnlearnError("a sketch reference needs a sketch of the task")
-        params, _ = predicted_params(sketch, forgotten)
+        params, _ = predicted_params(sketch, forgotten, param_degree)
         for name, fn in (("forget_loss", lambda p: task.example_losses(p, torch.tensor(forgotten))),
                          ("retain_loss", lambda p: task.example_losses(p, torch.tensor(ev.retain)))):
-            per = _sketch_loss_terms(sketch, fn, forgotten)
+            per = _sketch_loss_terms(sketch, fn, forgotten, degree)
             predicted[name] = {"per_example": per.mean(0).tolist(),
                                "per_example_stderr": (per.std(0) / math.sqrt(per.shape[0])).tolist(),
                                "mean": float(per.mean()), "stderr": float(per.mean(1).std() / math.sqrt(per.shape[0]))}
         if ev.test is not None:
             X, y = ev.test
             per = _sketch_loss_terms(sketch, lambda p: torch.nn.functional.cross_entropy(
-                forward(task, p, X), y, reduction="none"), forgotten)
+                forward(task, p, X), y, reduction="none"), forgotten, degree)
             predicted["test_loss"] = {"mean": float(per.mean()),
                                       "stderr": float(per.mean(1).std() / math.sqrt(per.shape[0]))}
     else:
