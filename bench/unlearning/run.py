@@ -117,22 +117,24 @@ def plot(results, path):
     for j, s in enumerate(names):
         rows = results["scenarios"][s]["methods"]
         ax = axes[0, j]
-        ax.axhspan(-2, 2, color="0.9")
-        ax.axvspan(-2, 2, color="0.9")
-        for m in methods:
-            c = rows[m]
-            if "refused" in c:
-                continue
-            ax.scatter(100 * (c["forget_acc"] - c["forget_acc_ref"]), 100 * (c["test_acc"] - c["test_acc_ref"]),
-                       color=colors[m], label=m, s=40)
+        x = range(len(methods))
+        ok = {m: "refused" not in rows[m] for m in methods}
+        fa = [100 * (rows[m]["forget_acc"] - rows[m]["forget_acc_ref"]) if ok[m] else 0 for m in methods]
+        ta = [100 * (rows[m]["test_acc"] - rows[m]["test_acc_ref"]) if ok[m] else 0 for m in methods]
+        ax.axhspan(-2, 2, color="0.85")
+        ax.bar([k - 0.2 for k in x], fa, width=0.4, color=[colors[m] for m in methods], label="forget acc")
+        ax.bar([k + 0.2 for k in x], ta, width=0.4, color=[colors[m] for m in methods], hatch="//", alpha=0.5,
+               label="test acc")
+        for k, m in enumerate(methods):
+            if not ok[m]:
+                ax.text(k, 0, "refused", rotation=90, ha="center", va="bottom", fontsize=7)
         ax.axhline(0, color="k", lw=0.5)
-        ax.axvline(0, color="k", lw=0.5)
+        ax.set_ylim(-105, 105)
+        ax.set_xticks(list(x), methods, rotation=60, ha="right", fontsize=8)
         ax.set_title(f"{s} (|D| = {results['scenarios'][s]['size']})")
-        ax.set_xlabel("forget acc - retrained (points)")
         if j == 0:
-            ax.set_ylabel("test acc - retrained (points)")
-        ax.set_yscale("symlog", linthresh=5)
-        ax.set_xscale("symlog", linthresh=5)
+            ax.set_ylabel("unlearned - retrained (points)")
+            ax.legend(fontsize=8, loc="lower left")
         ax2 = axes[1, j]
         x = range(len(methods))
         ok = {m: "refused" not in rows[m] for m in methods}
@@ -152,8 +154,8 @@ def plot(results, path):
         if j == 0:
             ax2.set_ylabel("MIA advantage on forget set (%)")
         ax2.legend(fontsize=8)
-    axes[0, 0].legend(fontsize=7, loc="lower left")
-    fig.suptitle("digits: unlearning methods vs real retraining (grey band: within 2 points)")
+    fig.suptitle("digits: unlearning methods vs real retraining (top: accuracy gaps, solid forget set, hatched test "
+                 "set; bottom: MIA advantage with bootstrap 95 % interval; grey: within 2 points)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -162,7 +164,15 @@ def plot(results, path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sketch-dir", default=None, help="where the sketch goes (default: a temporary directory)")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the figure from the committed JSON")
     args = ap.parse_args()
+    if args.plot_only:
+        import json
+
+        out = json.loads(OUT.read_text())
+        plot(out, FIG)
+        print_table(out)
+        return
     t_all = time.perf_counter()
     task = get_preset("digits")(n_test=1297, epochs=10)
     t0 = time.perf_counter()
