@@ -112,7 +112,7 @@ def main() -> None:
         exact, truth = np.array(prev["exact_terms"]), prev["question"]["retrained"]
         print(f"exact series and retrained value reused from {a.out_json}")
     else:
-        exact = np.array(exact_series(task, D, 20, [QUERY])[0].coefficients)
+        exact = exact_series(task, D, 20, QUERY).coefficients.numpy()
         truth = float(task.query(retrain(task, D), QUERY))
     exact_s = time.perf_counter() - t0
     base = exact[0]

@@ -26,28 +26,36 @@ def run(capsys, *args):
     return rc, cap.out, cap.err
 
 
+def _pred(out: str, k: int = 0) -> dict:
+    """The k-th prediction of predict's JSON (always {"predictions": [...]}, arrays with a leading sets axis)."""
+    return json.loads(out, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))["predictions"][k]
+
+
 def test_predict_json_keys(sketch_dir, capsys):
     rc, out, _ = run(capsys, "predict", str(sketch_dir), "--delete", "0:10,15", "--query", "test:5", "--json")
     assert rc == 0
-    obj = json.loads(out)
-    for k in ["estimate", "base", "change", "stderr", "terms", "directions", "degree"]:
+    obj = _pred(out)
+    for k in ["schema", "method", "output", "estimate", "base", "change", "stderr", "terms", "directions", "degree",
+              "shape", "sets", "deletion_sizes", "nulls", "notes"]:
         assert k in obj
-    assert obj["directions"] == 24 and obj["degree"] == 2 and len(obj["terms"]) == 3
+    assert obj["directions"] == 24 and obj["degree"] == 2 and obj["shape"] == [] and obj["sets"] == 1
+    assert len(obj["estimate"]) == 1 and len(obj["terms"][0]) == 3 and obj["deletion_sizes"] == [11]
+    assert obj["method"] == "sketch"
     rc, out, _ = run(capsys, "predict", str(sketch_dir), "--delete", "class:3", "--query", "test:5", "--query", "test:mean", "--json")
-    assert rc == 0 and [o["query"] for o in json.loads(out)] == ["test:5", "test:mean"]
+    assert rc == 0 and [o["output"] for o in json.loads(out)["predictions"]] == ["test:5", "test:mean"]
 
 
 def test_predict_degree_and_control_variates(sketch_dir, capsys):
     """--degree truncates (the degree-1 estimate is the degree-2 one minus its degree-2 term); --control-variates
     is recorded and keeps the per-degree terms; a degree above the sketch's is a one-line exit-2 error."""
     args = ["predict", str(sketch_dir), "--delete", "0:10", "--query", "test:5", "--json"]
-    full = json.loads(run(capsys, *args)[1])
+    full = _pred(run(capsys, *args)[1])
     rc, out, _ = run(capsys, *args, "--degree", "1")
-    low = json.loads(out)
-    assert rc == 0 and low["degree"] == 1 and len(low["terms"]) == 2
-    assert low["estimate"] == pytest.approx(full["estimate"] - full["terms"][2], rel=1e-12, abs=1e-12)
+    low = _pred(out)
+    assert rc == 0 and low["degree"] == 1 and len(low["terms"][0]) == 2
+    assert low["estimate"][0] == pytest.approx(full["estimate"][0] - full["terms"][0][2], rel=1e-12, abs=1e-12)
     rc, out, _ = run(capsys, *args, "--control-variates")
-    cv = json.loads(out)
+    cv = _pred(out)
     assert rc == 0 and cv["control_variates"] and not full["control_variates"] and cv["terms"] == full["terms"]
     rc, _, err = run(capsys, *args, "--degree", "3")
     assert rc == 2 and err.count("\n") == 1 and "--degree" in err
@@ -58,18 +66,19 @@ def test_predict_by_degree(sketch_dir, capsys):
     degree 1 appears exactly when the full-degree stderr is more than twice the degree-1 stderr."""
     for spec in ("0:5", "0:250"):
         args = ["predict", str(sketch_dir), "--delete", spec, "--query", "test:5"]
-        obj = json.loads(run(capsys, *args, "--json")[1])
-        assert len(obj["by_degree"]) == 3 and obj["by_degree"][2][1] == pytest.approx(obj["stderr"], rel=1e-12)
+        obj = _pred(run(capsys, *args, "--json")[1])
+        change, se = obj["by_degree_change"][0], obj["by_degree_stderr"][0]
+        assert len(change) == 3 and se[2] == pytest.approx(obj["stderr"][0], rel=1e-12)
         rc, out, err = run(capsys, *args, "--by-degree")
         assert rc == 0 and "change truncated at each degree" in out
-        cells = [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines() if line.startswith("│ test:5")]
-        rows = {int(c[1]): float(c[2]) for c in cells if c[1].isdigit()}
+        cells = [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines() if line.startswith("│ test:5 r=")]
+        rows = {int(c[0].split("r=")[1]): float(c[1]) for c in cells}
         assert sorted(rows) == [1, 2], out
-        for r, change in rows.items():
-            assert change == pytest.approx(obj["by_degree"][r][0], rel=1e-5, abs=1e-9)
+        for r, ch in rows.items():
+            assert ch == pytest.approx(change[r], rel=1e-5, abs=1e-9)
         rc, out, err = run(capsys, *args)
-        noisy = obj["stderr"] > 2 * obj["by_degree"][1][1]
-        assert rc == 0 and ("degree 1 alone gives" in err) == noisy, (spec, obj["stderr"], obj["by_degree"])
+        noisy = obj["stderr"][0] > 2 * se[1]
+        assert rc == 0 and ("degree 1 alone gives" in err) == noisy, (spec, obj["stderr"], se)
 
 
 def test_retrain_and_series_json(capsys, tmp_path):
@@ -77,13 +86,13 @@ def test_retrain_and_series_json(capsys, tmp_path):
     spec.write_text("3\n4\n# comment\n10\n")
     rc, out, _ = run(capsys, "retrain", "--preset", "digits", "--steps", "10", "--delete", f"@{spec}", "--query", "test:1", "--json")
     assert rc == 0
-    r = json.loads(out)
-    assert set(["value", "base"]) <= set(r) and r["deletion_size"] == 3
+    r = _pred(out)
+    assert r["method"] == "retrain" and r["deletion_sizes"] == [3] and r["stderr"] == [0.0]
     rc, out, _ = run(capsys, "series", "--preset", "digits", "--steps", "10", "--delete", f"@{spec}", "--degree", "3", "--query", "test:1", "--json")
-    s = json.loads(out)
-    assert rc == 0 and len(s["coefficients"]) == 4
+    (s,) = json.loads(out)["results"]
+    assert rc == 0 and len(s["coefficients"]) == 4 and s["method"] == "exact"
     # the exact series at t=1 is close to the real retrain on this tiny deletion
-    assert abs(s["value_at_1"] - r["value"]) < 0.1 * abs(r["value"] - r["base"]) + 1e-6
+    assert abs(s["value_at_1"] - r["estimate"][0]) < 0.1 * abs(r["estimate"][0] - r["base"]) + 1e-6
     assert s["coefficients"][0] == pytest.approx(r["base"], rel=1e-12)
 
 

@@ -26,8 +26,9 @@ def _check_against_exact_series(task, queries, sets, steps=None):
     E = first_order(task, queries, steps=steps)
     assert E.shape == (task.n, len(queries)) and E.dtype == torch.float64
     for D in sets:
-        for j, r in enumerate(exact_series(task, D, 1, queries, steps=steps)):
-            assert float(E[D, j].sum()) == pytest.approx(r.coefficients[1], rel=1e-9, abs=1e-14), (D, r.query)
+        r = exact_series(task, D, 1, queries, steps=steps)  # the queries stacked: coefficients [2, len(queries)]
+        for j, q in enumerate(queries):
+            assert float(E[D, j].sum()) == pytest.approx(float(r.coefficients[1, j]), rel=1e-9, abs=1e-14), (D, q)
     return E
 
 
@@ -84,7 +85,7 @@ def test_cli_influence(capsys):
     rc = main(["influence", "--preset", "digits", "--steps", "10", "--query", "test:0", "--top", "3", "--json"])
     import json
 
-    obj = json.loads(capsys.readouterr().out)
+    obj = json.loads(capsys.readouterr().out)["results"][0]
     assert rc == 0 and len(obj["effects"]) == obj["n"] == 500 and len(obj["top"]) == 3
     mags = [abs(x["effect"]) for x in obj["top"]]
     assert mags == sorted(mags, reverse=True) and mags[0] == max(abs(e) for e in obj["effects"])

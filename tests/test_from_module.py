@@ -275,7 +275,7 @@ def test_ring_run_matches_finite_differences_of_retraining():
                             epochs=2, batch_size=8, shuffle_seed=1)
     delete = [2, 11, 19]
     probe = lambda p: ce(task.forward(p, Xt), yt).mean()
-    (res,) = exact_series(task, delete, 2, [probe])
+    res = exact_series(task, delete, 2, probe)
     h = 1e-2
     f = {t: float(probe(retrain(task, delete, weight=t))) for t in (-2 * h, -h, 0.0, h, 2 * h)}
     d1 = (f[-2 * h] - 8 * f[-h] + 8 * f[h] - f[2 * h]) / (12 * h)

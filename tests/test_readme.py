@@ -38,6 +38,7 @@ def test_readme_adam_example_runs(tmp_path, monkeypatch):
         warnings.simplefilter("error", StabilityWarning)  # the example's deletion is one the sketch supports
         exec(compile(code, "README.md", "exec"), ns)
     assert ns["pred"].directions == 32 and ns["task"].optimizer.describe()["name"] == "adam"
+    assert ns["pred"].change.shape == (2, 4, 3) and ns["pred"].sets == 2  # a vector output, two deletion sets
 
 
 def test_readme_test_command_is_ci_command():

@@ -61,8 +61,8 @@ def check_first_order(bt, G: np.ndarray, sets: list[list[int]]) -> dict:
     """Compare sum_{i in D} G[i] with the degree-1 coefficient of delsketch.sketch.exact_series."""
     worst = 0.0
     for D in sets:
-        res = sk.exact_series(bt.task, D, 1, bt.queries)
-        c1 = np.array([r.coefficients[1] for r in res])
+        res = sk.exact_series(bt.task, D, 1, bt.queries)  # the queries stacked: coefficients [2, Q]
+        c1 = res.coefficients[1].numpy()
         mine = G[D].sum(0)
         worst = max(worst, float(np.max(np.abs(mine - c1) / (np.abs(c1) + 1e-12))))
     return {"sets_checked": len(sets), "max_relative_difference": worst}
@@ -88,7 +88,7 @@ def sketch_coefficients(bt, directory: Path, directions: int, degree: int, seed:
     wall = time.perf_counter() - t0
     chunk_times = chunk_timings(directory)
     t1 = time.perf_counter()
-    coeffs = np.stack([S.coefficients(q).numpy() for q in bt.queries])  # [Q, m, K]
+    coeffs = np.stack([S.coefficients(q)[:, :, 0].numpy() for q in bt.queries])  # [Q, m, K]: scalar queries
     t_coef = (time.perf_counter() - t1) / len(bt.queries)
     stab = []
     for q in bt.queries:
@@ -144,8 +144,6 @@ def check_predict(bt, directory: Path, sc: dict, sets: list[list[int]], m_total:
     worst = 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        preds = S.predict(bt.queries, sets)
-    for qi, row in enumerate(preds):
-        for s, p in enumerate(row):
-            worst = max(worst, abs(p.change - mine[s, qi]), abs(p.stderr - mine_se[s, qi]))
+        p = S.predict(bt.queries, sets)  # fields [len(sets), Q]
+    worst = max(float((p.change.numpy() - mine).__abs__().max()), float((p.stderr.numpy() - mine_se).__abs__().max()))
     return worst

@@ -124,3 +124,29 @@ def directory_lock(directory: PathLike, name: str = ".lock"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         os.close(fd)
+
+
+def jsonable(x, nulls: set | None = None, name: str = "value"):
+    """Strict JSON of tensors, arrays, numbers, lists and dicts: non-finite numbers become ``None`` (and ``name`` is
+    added to ``nulls`` so the caller can say why); tensors become nested lists."""
+    import math
+
+    def conv(v):
+        if isinstance(v, dict):
+            return {str(k): conv(u) for k, u in v.items()}
+        if isinstance(v, torch.Tensor):
+            v = v.detach().cpu()
+            return conv(v.item() if v.dim() == 0 else v.tolist())
+        if isinstance(v, np.ndarray):
+            return conv(v.tolist())
+        if isinstance(v, (list, tuple)):
+            return [conv(u) for u in v]
+        if isinstance(v, np.generic):
+            v = v.item()
+        if isinstance(v, float) and not math.isfinite(v):
+            if nulls is not None:
+                nulls.add(name)
+            return None
+        return v
+
+    return conv(x)

@@ -37,17 +37,45 @@ class CliError(Exception):
 # ----------------------------------------------------------------------------------------------
 
 
-def build_task(preset: str, data: Optional[str], steps: Optional[int]):
-    """The preset's task; ``steps`` keeps only the first N steps of its schedule (lr schedule unchanged)."""
+def build_task(preset: Optional[str], data: Optional[str], steps: Optional[int], task_ref: Optional[str] = None,
+               sets: tuple = ()):
+    """The task of ``--preset`` (with ``--set`` overrides) or of ``--task FILE.py:FUNCTION``; ``steps`` keeps only
+    the first N steps of its schedule (lr schedule unchanged). Returns (task, spec): the spec rebuilds the task
+    (the sketch records it, workers call it)."""
     from ..tasks import build_from_spec
 
+    spec = task_spec(preset, data, steps, task_ref, sets)
+    return build_from_spec(spec), spec
+
+
+def task_spec(preset: Optional[str], data: Optional[str], steps: Optional[int], task_ref: Optional[str] = None,
+              sets: tuple = ()) -> dict:
+    from ..tasks import task_file_spec
+
+    if (preset is None) == (task_ref is None):
+        raise CliError("give either --preset NAME or --task FILE.py:FUNCTION")
+    if task_ref is not None:
+        if data is not None or sets:
+            raise CliError("--data and --set go with --preset; a --task file builds its own data")
+        return {**task_file_spec(task_ref), "steps": steps}
     if data is not None and not Path(data).exists():
         raise CliError(f"data file not found: {data}")
-    return build_from_spec(task_spec(preset, data, steps))
+    spec = {"preset": preset, "data": str(Path(data).resolve()) if data else None, "steps": steps}
+    for kv in sets:
+        k, sep, v = kv.partition("=")
+        if not sep or not k:
+            raise CliError(f"bad --set {kv!r} (expected KEY=VALUE, e.g. n_train=100)")
+        spec[k] = _set_value(v)
+    return spec
 
 
-def task_spec(preset: str, data: Optional[str], steps: Optional[int]) -> dict:
-    return {"preset": preset, "data": str(Path(data).resolve()) if data else None, "steps": steps}
+def _set_value(s: str):
+    for cast in (int, float):
+        try:
+            return cast(s)
+        except ValueError:
+            pass
+    return {"none": None, "true": True, "false": False}.get(s.lower(), s)
 
 
 def parse_spec(spec: str, task) -> list[int]:
@@ -123,17 +151,6 @@ def check_plot(path: Optional[str]) -> Optional[str]:
     return path
 
 
-def check_queries(task, queries: list[str]) -> list[str]:
-    if not queries:
-        raise CliError("give at least one --query")
-    for q in queries:
-        try:
-            task.validate_query(q)
-        except ValueError as e:
-            raise CliError(str(e)) from None
-    return queries
-
-
 def progress_bar(description: str):
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -161,9 +178,12 @@ def fmt(x: float) -> str:
 # ----------------------------------------------------------------------------------------------
 
 def preset_options(f):
-    f = click.option("--steps", type=int, default=None, help="run only the first N steps of the preset's schedule")(f)
+    f = click.option("--set", "sets", multiple=True, help="preset override KEY=VALUE (e.g. n_train=100), repeatable")(f)
+    f = click.option("--steps", type=int, default=None, help="run only the first N steps of the schedule")(f)
     f = click.option("--data", default=None, help="data file (required by the paper preset: names.txt)")(f)
-    f = click.option("--preset", required=True, help="paper | names | digits")(f)
+    f = click.option("--task", "task_ref", default=None,
+                     help="your own task: FILE.py:FUNCTION returning a Task (or (task, {name: output}))")(f)
+    f = click.option("--preset", default=None, help="paper | names | digits (or --task)")(f)
     return f
 
 
@@ -181,7 +201,7 @@ query_option = click.option("--query", "query", multiple=True, help="output to e
 @click.option("--workers", type=int, default=1, show_default=True,
               help="processes computing chunks at once (2 on a 2-core machine halves the time); 0: one per core")
 @json_option
-def sketch(preset, data, steps, directions, degree, out_dir, seed, chunk, workers, json_out):
+def sketch(preset, task_ref, data, steps, sets, directions, degree, out_dir, seed, chunk, workers, json_out):
     """Precompute a deletion sketch: m ring training runs at degree k."""
     from ..sketch import precompute
     from ..tasks import factory
@@ -190,7 +210,7 @@ def sketch(preset, data, steps, directions, degree, out_dir, seed, chunk, worker
         raise CliError("--workers must be 0 (one per core) or more")
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise CliError(f"--out {out_dir} exists and is not a directory")
-    task = build_task(preset, data, steps)
+    task, spec = build_task(preset, data, steps, task_ref, sets)
     t0 = time.perf_counter()
     with progress_bar("sketch") as bar:
         tid = bar.add_task("sketch", total=None)
@@ -198,7 +218,6 @@ def sketch(preset, data, steps, directions, degree, out_dir, seed, chunk, worker
         def cb(done, total):
             bar.update(tid, completed=done, total=total)
 
-        spec = task_spec(preset, data, steps)
         sk = precompute(task, out_dir, directions, degree, seed=seed, chunk=chunk, steps=None,
                         progress=cb, task_spec=spec, task_factory=factory(spec), workers=workers or (os.cpu_count() or 1))
     wall = time.perf_counter() - t0
@@ -219,13 +238,54 @@ def load_sketch(path: str):
         raise CliError(f"sketch directory not found: {path}")
     man = read_manifest(p)
     spec = man.get("task_spec") or {}
-    if "preset" not in spec:
-        raise SketchError(f"{path}: sketch was built from Python (no preset recorded); load it with the Python API")
+    if "preset" not in spec and "task" not in spec:
+        raise SketchError(f"{path}: sketch was built from Python with no task spec recorded; load it with the Python "
+                          "API, or build it with precompute(..., task_spec={'task': 'FILE.py:FUNCTION'})")
     from ..tasks import build_from_spec
 
     if spec.get("data") is not None and not Path(spec["data"]).exists():
         raise CliError(f"data file not found: {spec['data']} (the sketch was built from it)")
     return Sketch.load(p, build_from_spec(spec))
+
+
+def flat_values(v):
+    """A prediction field (tensor or dict of tensors) as one flat list of floats, in the output's element order."""
+    import torch
+
+    if isinstance(v, dict):
+        return torch.cat([v[k].reshape(-1) for k in sorted(v)]).tolist()
+    return v.reshape(-1).tolist()
+
+
+MAX_ROWS = 20
+
+
+def print_rows(title: str, columns: list[str], names: list[str], values: list[list[float]]) -> None:
+    """A table of per-element rows (the first MAX_ROWS; the JSON has all)."""
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c, justify="left" if c == "output" else "right")
+    for i, name in enumerate(names[:MAX_ROWS]):
+        t.add_row(name, *[fmt(v[i]) for v in values])
+    out.print(t)
+    if len(names) > MAX_ROWS:
+        out.print(f"({len(names) - MAX_ROWS} more elements: see --json)")
+
+
+def resolve_outputs(task, queries: list[str]) -> list:
+    """``--query`` names: the task's named outputs (a --task file's) or its query strings, each an Output."""
+    from ..training.outputs import as_output
+
+    if not queries:
+        raise CliError("give at least one --query" + (f" (named outputs: {', '.join(task.outputs)})" if task.outputs else ""))
+    outs = []
+    for q in queries:
+        try:
+            outs.append(as_output(task, q))
+        except ValueError as e:
+            named = f"; named outputs: {', '.join(task.outputs)}" if task.outputs else ""
+            raise CliError(f"{e}{named}") from None
+    return outs
 
 
 @app.command()
@@ -241,7 +301,9 @@ def load_sketch(path: str):
               help="also show the change and its stderr truncated at every degree (bias vs noise)")
 @json_option
 def predict(sketch_dir, delete, weight, query, delta, degree, control, by_degree, json_out):
-    """Predict outputs after deleting (or reweighting) a set of training examples."""
+    """Predict outputs after deleting (or reweighting) a set of training examples.
+
+    JSON: {"predictions": [one object per --query, see delsketch.sketch.Prediction.to_json]}."""
     if not 0 < delta < 1:
         raise CliError("--delta must lie in (0, 1)")
     check_weight(weight)
@@ -249,39 +311,45 @@ def predict(sketch_dir, delete, weight, query, delta, degree, control, by_degree
     if degree is not None and not 0 <= degree <= sk.degree:
         raise CliError(f"--degree must lie in [0, {sk.degree}] (the sketch's degree)")
     idx = parse_spec(delete, sk.task)
-    qs = check_queries(sk.task, list(query))
+    outs = resolve_outputs(sk.task, list(query))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        preds = sk.predict(qs, idx, weight=weight, delta=delta, degree=degree, control_variates=control)
-    objs = [p.to_json() for p in preds]
+        preds = [sk.predict(o, idx, weight=weight, delta=delta, degree=degree, control_variates=control) for o in outs]
     if json_out:
-        emit_json(objs[0] if len(objs) == 1 else objs)
+        emit_json({"predictions": [p.to_json() for p in preds]})
         return
-    t = Table(title=f"deleting {len(idx)} examples (weight {weight}), {sk.m} directions, degree {preds[0].degree}"
-              + (", control variates" if control else ""))
-    for c in ["query", "base", "estimate", "change", "± stderr", "median of means"]:
-        t.add_column(c, justify="right" if c != "query" else "left")
-    for p in preds:
-        t.add_row(p.query, fmt(p.base), fmt(p.estimate), fmt(p.change), fmt(p.stderr), fmt(p.median_of_means))
-    out.print(t)
-    if by_degree:
-        bt = Table(title="change truncated at each degree (low degree: truncation bias; high degree: noise)")
-        for c in ["query", "degree", "change", "± stderr", "term", "± term stderr"]:
-            bt.add_column(c, justify="right" if c != "query" else "left")
-        for p in preds:
-            for r in range(1, p.degree + 1):
-                ch, se = p.by_degree[r]
-                bt.add_row(p.query, str(r), fmt(ch), fmt(se), fmt(p.terms[r]), fmt(p.term_stderr[r]))
-        out.print(bt)
-    else:
-        for p in preds:
-            if p.degree > 1 and p.stderr > 2 * p.by_degree[1][1]:
-                ch, se = p.by_degree[1]
-                err.print(f"note: {p.query}: the stderr at degree {p.degree} is {p.stderr / se:.3g}x that at degree 1; "
-                          f"degree 1 alone gives {fmt(ch)} ± {fmt(se)} but leaves out the higher-degree terms "
-                          "(see --by-degree)", soft_wrap=True)
-    for w in {str(c.message) for c in caught}:
-        err.print(f"warning: {w}")
+    for o, p in zip(outs, preds):
+        names = o.element_names()
+        print_rows(f"{p.output}: deleting {len(idx)} examples (weight {weight}), {sk.m} directions, degree {p.degree}"
+                   + (", control variates" if control else ""),
+                   ["output", "base", "estimate", "change", "± stderr", "median of means"], names,
+                   [flat_values(getattr(p, f)) for f in ("base", "estimate", "change", "stderr", "median_of_means")])
+        K = p.degree + 1
+        chg = [flat_values(_take(p.by_degree_change, r)) for r in range(K)]
+        se = [flat_values(_take(p.by_degree_stderr, r)) for r in range(K)]
+        if by_degree:
+            terms = [flat_values(_take(p.terms, r)) for r in range(K)]
+            tse = [flat_values(_take(p.term_stderr, r)) for r in range(K)]
+            rows = [(f"{nm} r={r}", chg[r][i], se[r][i], terms[r][i], tse[r][i])
+                    for i, nm in enumerate(names[:MAX_ROWS]) for r in range(1, K)]
+            print_rows("change truncated at each degree (low degree: truncation bias; high degree: noise)",
+                       ["output", "change", "± stderr", "term", "± term stderr"], [r[0] for r in rows],
+                       [[r[j] for r in rows] for j in range(1, 5)])
+        elif p.degree > 1:
+            noisy = [i for i in range(len(names)) if se[p.degree][i] > 2 * se[1][i]]
+            if noisy:
+                i = noisy[0]
+                more = f" ({len(noisy)} of {len(names)} elements)" if len(names) > 1 else ""
+                err.print(f"note: {names[i]}: the stderr at degree {p.degree} is {se[p.degree][i] / se[1][i]:.3g}x that at "
+                          f"degree 1{more}; degree 1 alone gives {fmt(chg[1][i])} ± {fmt(se[1][i])} but leaves out the "
+                          "higher-degree terms (see --by-degree)", soft_wrap=True)
+    for w in sorted({str(c.message) for c in caught}):
+        err.print(f"warning: {w}", soft_wrap=True)
+
+
+def _take(v, r: int):
+    """Degree r of a per-degree field (one set: degree axis first)."""
+    return {k: x[r] for k, x in v.items()} if isinstance(v, dict) else v[r]
 
 
 @app.command()
@@ -290,34 +358,36 @@ def predict(sketch_dir, delete, weight, query, delta, degree, control, by_degree
 @click.option("--weight", type=float, default=1.0, show_default=True)
 @query_option
 @json_option
-def retrain(preset, data, steps, delete, weight, query, json_out):
-    """Ground truth: retrain for real with the deletion applied and evaluate the outputs."""
+def retrain(preset, task_ref, data, steps, sets, delete, weight, query, json_out):
+    """Ground truth: retrain for real with the deletion applied and evaluate the outputs.
+
+    JSON: {"predictions": [...]} with method "retrain" (the same shape as predict's)."""
+    import torch
+
+    from ..sketch import Prediction
     from ..training import deletion_weights, train
-    from ..sketch import evaluate
 
     check_weight(weight)
-    task = build_task(preset, data, steps)
+    task, _ = build_task(preset, data, steps, task_ref, sets)
     idx = parse_spec(delete, task)
-    qs = check_queries(task, list(query))
+    outs = resolve_outputs(task, list(query))
+    t0 = time.perf_counter()
     with progress_bar("train") as bar:
         tid = bar.add_task("train", total=2 * task.steps)
         cb = lambda s, loss: bar.advance(tid)
         base_params = train(task, callback=cb)
         new_params = train(task, w=deletion_weights(task.n, idx, weight), callback=cb)
-    rows = []
-    for q in qs:
-        b = float(evaluate(task, base_params, q))
-        v = float(evaluate(task, new_params, q))
-        rows.append({"query": q, "value": v, "base": b, "change": v - b, "deletion_size": len(idx), "weight": weight})
+    cost = {"seconds": round(time.perf_counter() - t0, 3), "retrains": 2}
+    with torch.no_grad():
+        preds = [Prediction.exact(o, "retrain", o.flat(base_params), o.flat(new_params)[None], [idx], True, weight,
+                                  cost=cost) for o in outs]
     if json_out:
-        emit_json(rows[0] if len(rows) == 1 else rows)
+        emit_json({"predictions": [p.to_json() for p in preds]})
         return
-    t = Table(title=f"retrained without {len(idx)} examples (weight {weight})")
-    for c in ["query", "base", "value", "change"]:
-        t.add_column(c)
-    for r in rows:
-        t.add_row(r["query"], fmt(r["base"]), fmt(r["value"]), fmt(r["change"]))
-    out.print(t)
+    for o, p in zip(outs, preds):
+        print_rows(f"{p.output}: retrained without {len(idx)} examples (weight {weight})",
+                   ["output", "base", "value", "change"], o.element_names(),
+                   [flat_values(getattr(p, f)) for f in ("base", "estimate", "change")])
 
 
 @app.command()
@@ -327,31 +397,38 @@ def retrain(preset, data, steps, delete, weight, query, json_out):
 @click.option("--weight", type=float, default=1.0, show_default=True)
 @query_option
 @json_option
-def series(preset, data, steps, delete, degree, weight, query, json_out):
-    """Exact Taylor series of t -> output(t W 1_D) from one ring run (no sketch variance)."""
-    from ..sketch import exact_series
+def series(preset, task_ref, data, steps, sets, delete, degree, weight, query, json_out):
+    """Exact Taylor series of t -> output(t W 1_D) from one ring run (no sketch variance).
 
+    JSON: {"results": [one object per --query: coefficients [K, *out], partial_sums, value_at_1, ...]}."""
     if not 1 <= degree <= 100:
         raise CliError("--degree must lie in [1, 100]")
     check_weight(weight)
-    task = build_task(preset, data, steps)
+    task, _ = build_task(preset, data, steps, task_ref, sets)
     idx = parse_spec(delete, task)
-    qs = check_queries(task, list(query))
+    outs = resolve_outputs(task, list(query))
     with progress_bar("ring run") as bar:
         tid = bar.add_task("ring run", total=task.steps)
-        res = exact_series(task, idx, degree, qs, weight=weight, callback=lambda s, l: bar.advance(tid))
-    objs = [r.to_json() for r in res]
+        res = exact_series_many(task, idx, degree, outs, weight, callback=lambda s, l: bar.advance(tid))
     if json_out:
-        emit_json(objs[0] if len(objs) == 1 else objs)
+        emit_json({"results": [r.to_json() for r in res]})
         return
-    for r in res:
-        t = Table(title=f"{r.query}: Taylor series of t -> output(t·{weight}·1_D), |D| = {len(idx)}")
-        t.add_column("degree r")
-        t.add_column("coefficient")
-        t.add_column("partial sum at t=1")
-        for i, (c, s) in enumerate(zip(r.coefficients, r.partial_sums)):
-            t.add_row(str(i), fmt(c), fmt(s))
-        out.print(t)
+    for o, r in zip(outs, res):
+        names = o.element_names()
+        coef = [flat_values(_take(r.coefficients, i)) for i in range(degree + 1)]
+        part = [flat_values(_take(r.partial_sums, i)) for i in range(degree + 1)]
+        rows = [(f"{nm} r={i}", coef[i][j], part[i][j]) for j, nm in enumerate(names[:MAX_ROWS]) for i in range(degree + 1)]
+        print_rows(f"{r.output}: Taylor series of t -> output(t·{weight}·1_D), |D| = {len(idx)}",
+                   ["output", "coefficient", "partial sum at t=1"], [x[0] for x in rows],
+                   [[x[1] for x in rows], [x[2] for x in rows]])
+
+
+def exact_series_many(task, idx, degree, outs, weight, callback=None):
+    """One ring run for several outputs: the exact series of each."""
+    from ..sketch.exact import deletion_ring_run, series_result
+
+    params = deletion_ring_run(task, idx, degree, weight, callback=callback)
+    return [series_result(o, params, degree, weight, len(idx)) for o in outs]
 
 
 @app.command()
@@ -359,37 +436,56 @@ def series(preset, data, steps, delete, degree, weight, query, json_out):
 @query_option
 @click.option("--top", type=int, default=10, show_default=True, help="examples listed per output (largest |effect|)")
 @json_option
-def influence(preset, data, steps, query, top, json_out):
-    """Exact first-order effect of deleting each training example on each output (reverse mode through the run)."""
+def influence(preset, task_ref, data, steps, sets, query, top, json_out):
+    """Exact first-order effect of deleting each training example on each output (reverse mode through the run).
+
+    JSON: {"results": [one object per scalar output element: effects [n], top, sum_of_effects]}."""
     import torch
 
     from ..sketch import first_order
+    from ..training.outputs import _stack_outputs
 
     if top < 1:
         raise CliError("--top must be at least 1")
-    task = build_task(preset, data, steps)
-    qs = check_queries(task, list(query))
+    task, _ = build_task(preset, data, steps, task_ref, sets)
+    outs = resolve_outputs(task, list(query))
+    both = _stack_outputs(outs) if len(outs) > 1 and all(_scalar_guess(task, o) for o in outs) else None
     with progress_bar("train (recorded)") as bar:
-        tid = bar.add_task("train (recorded)", total=task.steps)
-        E = first_order(task, qs, callback=lambda s, l: bar.advance(tid))
+        tid = bar.add_task("train (recorded)", total=task.steps * (1 if both or len(outs) == 1 else len(outs)))
+        cb = lambda s, l: bar.advance(tid)
+        if both is not None:
+            E = first_order(task, both, callback=cb)  # [n, Q]: one recorded run for all outputs
+            cols = [(o.name, E[:, j]) for j, o in enumerate(outs)]
+        else:
+            cols = []
+            for o in outs:
+                e = first_order(task, o, callback=cb)
+                flat = torch.cat([e[k].reshape(task.n, -1) for k in sorted(e)], 1) if isinstance(e, dict) else e.reshape(task.n, -1)
+                cols.extend(zip(o.element_names(), flat.T))
     rows = []
-    for j, q in enumerate(qs):
-        e = E[:, j]
+    for name, e in cols:
         order = torch.argsort(e.abs(), descending=True, stable=True)[:top].tolist()
-        rows.append({"query": q, "effects": e.tolist(), "n": task.n,
+        rows.append({"output": name, "query": name, "effects": e.tolist(), "n": task.n,
                      "top": [{"index": i, "example": _example_text(task, i), "effect": float(e[i])} for i in order],
                      "sum_of_effects": float(e.sum())})
     if json_out:
-        emit_json(rows[0] if len(rows) == 1 else rows)
+        from ..io import jsonable
+
+        emit_json({"method": "first_order", "results": jsonable(rows)})
         return
-    for r in rows:
-        t = Table(title=f"{r['query']}: change if one example is deleted (exact first order; top "
+    for r in rows[:MAX_ROWS]:
+        t = Table(title=f"{r['output']}: change if one example is deleted (exact first order; top "
                         f"{len(r['top'])} of {r['n']} by |effect|)")
         for c in ["index", "example", "effect"]:
             t.add_column(c, justify="left" if c == "example" else "right")
         for x in r["top"]:
             t.add_row(str(x["index"]), x["example"], fmt(x["effect"]))
         out.print(t)
+
+
+def _scalar_guess(task, o) -> bool:
+    """Query strings of the built-in tasks are scalars; anything else is evaluated for its shape later."""
+    return (o.cache_key or "").startswith("query:")
 
 
 def _example_text(task, i: int) -> str:
@@ -415,16 +511,26 @@ def stability(sketch_dir, query, tolerance, plot, json_out):
         raise CliError(f"--tolerance must be a positive number, got {tolerance}")
     check_plot(plot)
     sk = load_sketch(sketch_dir)
-    qs = check_queries(sk.task, query or list(sk.task.default_queries))
-    reports = {q: sk.stability(q, tolerance=tolerance) for q in qs}
+    outs = resolve_outputs(sk.task, list(query or sk.task.default_queries))
+    reports = {o.name: sk.stability(o, tolerance=tolerance) for o in outs}
     if plot:
         from .report import plot_stability
 
-        plot_stability(reports, plot)
+        scalar = {q: r for q, r in reports.items() if "degrees" in r}
+        if not scalar:
+            raise CliError("--plot draws per-degree term sizes of scalar outputs; these outputs are vectors (see --json)")
+        plot_stability(scalar, plot)
     if json_out:
-        emit_json(reports)
+        from ..io import jsonable
+
+        emit_json(jsonable(reports))
         return
     for q, rep in reports.items():
+        if "degrees" not in rep:  # a vector output: one summarized line
+            safe = [x for x in rep.get("safe_deletion_size", []) if x == x]
+            out.print(f"{q}: {rep['verdict']}" + (f"; smallest safe deletion size (tolerance {tolerance}): "
+                                                  f"{min(safe):.3g} examples" if safe else ""))
+            continue
         t = Table(title=f"{q}: {rep['verdict']}")
         t.add_column("degree")
         t.add_column("log2 size")

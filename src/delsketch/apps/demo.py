@@ -39,13 +39,13 @@ def run_demo(out_dir, directions=64, degree=3, json_out=False, console=None, err
     timings["sketch_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    preds = sk.predict(DEMO_QUERIES, D)
+    pred = sk.predict(DEMO_QUERIES, D)  # the queries stacked: fields of shape [len(DEMO_QUERIES)]
     timings["predict_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     with progress_factory("series") as bar:
         tid = bar.add_task(f"exact degree-{degree} series (one ring run)", total=task.steps)
-        exact = exact_series(task, D, degree, DEMO_QUERIES, callback=lambda s, l: bar.advance(tid))
+        exact = exact_series(task, D, degree, DEMO_QUERIES, callback=lambda s, l: bar.advance(tid))  # [K, Q]
     timings["exact_series_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -56,14 +56,15 @@ def run_demo(out_dir, directions=64, degree=3, json_out=False, console=None, err
     timings["retrain_s"] = time.perf_counter() - t0
 
     rows = []
-    for p, ex in zip(preds, exact):
-        b = float(evaluate(task, base, p.query))
-        a = float(evaluate(task, new, p.query))
+    for j, q in enumerate(DEMO_QUERIES):
+        b = float(evaluate(task, base, q))
+        a = float(evaluate(task, new, q))
+        change, se = float(pred.change[j]), float(pred.stderr[j])
         rows.append({
-            "query": p.query, "base": b, "predicted": p.estimate, "predicted_change": p.change, "stderr": p.stderr,
-            "exact_series_change": ex.value_at_1 - ex.coefficients[0],
+            "query": q, "base": b, "predicted": float(pred.estimate[j]), "predicted_change": change, "stderr": se,
+            "exact_series_change": float(exact.value_at_1[j] - exact.coefficients[0, j]),
             "actual": a, "actual_change": a - b,
-            "within_2se": abs(p.change - (a - b)) <= 2 * p.stderr,
+            "within_2se": abs(change - (a - b)) <= 2 * se,
         })
     stab = sk.stability(DEMO_QUERIES[0])
     plot_path = out_dir / "demo.png"

@@ -103,6 +103,15 @@ def _machine() -> dict:
     }
 
 
+def _scalar(p):
+    """A scalar output's one-set Prediction with Python numbers (for the figures' JSON)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(estimate=float(p.estimate), base=float(p.base), change=float(p.change),
+                           stderr=float(p.stderr), median_of_means=float(p.median_of_means), terms=p.terms.tolist(),
+                           term_stderr=p.term_stderr.tolist(), degree=p.degree)
+
+
 def _report(progress: Progress, phase: str, done: int, total: int) -> None:
     if progress is not None:
         progress(phase, done, total)
@@ -208,8 +217,8 @@ def fig2(data, out, degree: int = 6, steps: Optional[int] = None, query: str = Q
     retrain_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    ser = exact_series(task, D, degree, [query],
-                       callback=lambda s, loss: _report(progress, "ring run", s + 1, task.steps))[0]
+    ser = exact_series(task, D, degree, query,
+                       callback=lambda s, loss: _report(progress, "ring run", s + 1, task.steps))
     ring_s = time.perf_counter() - t0
 
     c = np.array(ser.coefficients)
@@ -242,8 +251,8 @@ def fig2(data, out, degree: int = 6, steps: Optional[int] = None, query: str = Q
         "deletion_size": len(D),
         "query": query,
         "retrain": rt,
-        "series": {"coefficients": ser.coefficients, "imag_max": ser.imag_max,
-                   "partial_sums_at_1": ser.partial_sums},
+        "series": {"coefficients": ser.coefficients.tolist(), "imag_max": ser.imag_max,
+                   "partial_sums_at_1": ser.partial_sums.tolist()},
         "curves": {"t": T_FINE, "partial_sums": curves},
         "errors_at_1": errors,
         "errors_on_grid": {"t": T_GRID, "by_degree": grid_err},
@@ -313,15 +322,15 @@ def fig3(data, out, directions: int = 500, degree: int = 3, steps: Optional[int]
         for t in T_FINE:
             if t == 0:
                 p = sk.predict(query, D, weight=1.0, degree=0)  # f(0): the trained model, exactly
-                est.append(p.estimate)
+                est.append(float(p.estimate))
                 se.append(0.0)
                 continue
             p = sk.predict(query, D, weight=t, delta=delta)
-            est.append(p.estimate)
-            se.append(p.stderr)
-        at1 = sk.predict(query, D, weight=1.0, delta=delta)
-        by_degree = [sk.predict(query, D, weight=1.0, degree=r, delta=delta) for r in range(degree + 1)]
-        grid = [sk.predict(query, D, weight=t, delta=delta) if t > 0 else None for t in T_GRID]
+            est.append(float(p.estimate))
+            se.append(float(p.stderr))
+        at1 = _scalar(sk.predict(query, D, weight=1.0, delta=delta))
+        by_degree = [_scalar(sk.predict(query, D, weight=1.0, degree=r, delta=delta)) for r in range(degree + 1)]
+        grid = [_scalar(sk.predict(query, D, weight=t, delta=delta)) if t > 0 else None for t in T_GRID]
         stab = sk.stability(query)
     caught_msgs.update(str(w.message) for w in caught)
     predict_s = time.perf_counter() - t0
@@ -472,7 +481,7 @@ def fig1(data, out, directions: int = 12, degree: int = 100, steps: Optional[int
     sk, sketch_s, chunk_times = _timed_sketch(task, sdir, directions, degree, seed, chunk, "ring runs",
                                               progress, data, steps, workers)
 
-    c = sk.coefficients(doc)  # [m, K]
+    c = sk.coefficients(doc)[:, :, 0]  # [m, K]: a scalar output
     rep = stability_report(c, task.n, tolerance=tolerance)
     rows = rep["degrees"]
     rs = np.array([row["degree"] for row in rows], dtype=float)

@@ -9,6 +9,7 @@ import torch
 
 from .. import series as taylor
 from ..training import Task, train
+from ..training.outputs import as_output
 
 FORMAT = "delsketch-sketch/1"
 Query = Union[str, Callable[[dict], torch.Tensor]]
@@ -60,13 +61,13 @@ def ring_train(task: Task, w: taylor.Series, steps: Optional[int] = None, callba
         return train(task, w=w, params=params0, steps=steps, callback=callback)
 
 
-def evaluate(task: Task, params: dict, query: Query) -> torch.Tensor:
-    """The value of an output on (possibly series-valued) parameters."""
+def evaluate(task: Task, params: dict, query) -> torch.Tensor:
+    """The value of an output on (possibly series-valued) parameters, in the output's own shape."""
+    out = as_output(task, query)
     with torch.no_grad():
-        out = query(params) if callable(query) else task.query(params, query)
-    if not isinstance(out, torch.Tensor) or out.dim() != 0:
-        raise ValueError("a query must return a 0-dim tensor")
-    return out
+        value = out.value(params)
+    out._learn(value)  # checks it is a Tensor or a dict of Tensors
+    return value
 
 
 def query_name(q: Query) -> str:

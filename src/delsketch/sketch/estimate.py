@@ -23,27 +23,33 @@ def control_variate_adjust(est: torch.Tensor, lean: torch.Tensor, n: int, powers
     the deletion vector: their means are known exactly (:func:`lean_moment`), so est - beta . Y has the mean of
     est for any fixed beta. beta is fitted by least squares on one half of the directions and applied to the other
     half (and vice versa), so it is independent of the values it adjusts and the mean stays exactly unbiased.
-    Returns [m] adjusted values (their mean is the estimate, their spread gives its standard error); with fewer
-    than 2 (powers + 2) directions the estimates are returned unchanged."""
+    ``est``: [m, ...] (directions first; every other element gets its own beta). Returns the adjusted values,
+    same shape (their mean is the estimate, their spread gives its standard error); with fewer than
+    2 (powers + 2) directions the estimates are returned unchanged."""
     m = est.shape[0]
     if m < 2 * (powers + 2):
         return est
+    flat = est.reshape(m, -1)
     Y = torch.stack([lean**j - lean_moment(n, j) for j in range(1, powers + 1)], dim=1)  # [m, J]
     Y = Y / Y.std(0, keepdim=True).clamp_min(1e-300)  # conditioning only: the fitted beta . Y is scale-free
     first = torch.arange(m) < m // 2
-    out = est.clone()
+    out = flat.clone()
     for fit, use in ((first, ~first), (~first, first)):
         A = torch.cat([torch.ones(int(fit.sum()), 1, dtype=est.dtype), Y[fit]], dim=1)
-        beta = torch.linalg.lstsq(A, est[fit].unsqueeze(1)).solution[1:, 0]
-        out[use] = est[use] - Y[use] @ beta
-    return out
+        beta = torch.linalg.lstsq(A, flat[fit]).solution[1:]  # [J, R]
+        out[use] = flat[use] - Y[use] @ beta
+    return out.reshape(est.shape)
 
 
-def median_of_means(x: torch.Tensor, delta: float) -> float:
-    """Median of g group means, g = ceil(8 ln(1/delta)) capped by the sample size (Lugosi & Mendelson)."""
-    m = x.shape[0]
+def median_of_means(x: torch.Tensor, delta: float, dim: int = None):
+    """Median of g group means, g = ceil(8 ln(1/delta)) capped by the sample size (Lugosi & Mendelson).
+
+    ``x``: [m] (a float is returned) or any shape with the directions on ``dim`` (default: dim 1 of a tensor with
+    more than one dimension, the layout [S, m, ...] of :func:`delsketch.sketch.predict.predict`)."""
+    if dim is None:
+        dim = 0 if x.dim() == 1 else 1
+    m = x.shape[dim]
     g = max(1, min(m, math.ceil(8 * math.log(1 / delta))))
-    groups = torch.tensor_split(x, g)
-    means = torch.stack([gr.mean() for gr in groups])
-    return float(means.median())
-
+    means = torch.stack([gr.mean(dim) for gr in torch.tensor_split(x, g, dim=dim)])
+    med = means.median(0).values if means.dim() > 1 else means.median()
+    return float(med) if med.dim() == 0 else med

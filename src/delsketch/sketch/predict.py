@@ -1,149 +1,242 @@
-"""Predictions from a sketch: the result type and the estimators applied to a deletion set."""
+"""Predictions from a sketch: one result type for any output shape and any number of deletion sets.
+
+An output of shape ``[*out]`` (see :mod:`delsketch.training.outputs`) predicted for one deletion set gives fields
+of shape ``[*out]``; for a list of S sets, ``[S, *out]``. Per-degree fields put the degree axis after the sets
+axis: ``terms [S?, K, *out]``. A dict-valued output gives a dict of such tensors for each field.
+"""
 
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence, Union
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from .core import Query, StabilityWarning, query_name
+from ..io import jsonable
+from ..training.outputs import Output
+from .core import StabilityWarning
 from .estimate import control_variate_adjust, median_of_means
+
+SCHEMA = "delsketch-prediction/1"
+
+#: the fields that hold values of the output's shape (with the sets axis in front for a list of sets)
+VALUE_FIELDS = ("estimate", "base", "change", "stderr", "median_of_means", "terms", "term_stderr",
+                "by_degree_change", "by_degree_stderr", "safe_deletion_size")
 
 
 @dataclass
 class Prediction:
-    query: str
-    estimate: float  # mean over directions of the degree-k estimate
-    base: float  # f(0): the trained model's value
-    change: float  # estimate - base
-    stderr: float  # standard error of the estimate over directions
-    median_of_means: float
-    delta: float  # failure probability of the median-of-means bound
-    terms: list[float]  # per-degree estimated Taylor terms, degree 0 first
-    term_stderr: list[float]
-    directions: int
+    """What a deletion does to an output, and how the answer was obtained.
+
+    Value fields (tensors of the output's shape, ``[S, ...]`` for S sets; dicts of them for dict outputs):
+    ``estimate`` (the output after the deletion), ``base`` (as trained; no sets axis), ``change`` (estimate -
+    base), ``stderr`` (its standard error; 0 for an exact method), ``median_of_means``, ``terms`` /
+    ``term_stderr`` (the per-degree Taylor terms, degree axis after the sets axis), ``by_degree_change`` /
+    ``by_degree_stderr`` (the change truncated at each degree r = 0..degree: bias vs noise),
+    ``safe_deletion_size`` (per output element, from the stability diagnostics; NaN where none).
+
+    Description: ``method`` (``"sketch"``, ``"first_order"``, ``"exact"``, ``"retrain"``), ``output`` (its
+    name), ``degree``, ``directions``, ``deletion_size`` (int, or a list for S sets), ``weight``, ``delta``,
+    ``control_variates``, ``warning`` (one summarized line or None), ``notes`` (reasons and advice), ``cost``
+    (seconds and what was run)."""
+
+    output: str
+    method: str
+    estimate: Any
+    base: Any
+    change: Any
+    stderr: Any
+    median_of_means: Any
+    terms: Any
+    term_stderr: Any
+    by_degree_change: Any
+    by_degree_stderr: Any
+    safe_deletion_size: Any
     degree: int
-    deletion_size: int
+    directions: int
+    deletion_size: Union[int, list]
     weight: float
-    safe_deletion_size: Optional[float] = None
-    warning: Optional[str] = None
+    delta: float
+    shape: Any = None  # the output's shape (list, or {key: list})
+    sets: Optional[int] = None  # None: one set (no sets axis)
     control_variates: bool = False
-    # [change, stderr] of the estimate truncated at each degree r = 0..degree (the last row is change/stderr):
-    # the trade-off between truncation bias (low r) and sampling noise (high r), see docs/accuracy.md
-    by_degree: list = field(default_factory=list)
+    warning: Optional[str] = None
+    notes: list = field(default_factory=list)
+    cost: dict = field(default_factory=dict)
+
+    @property
+    def query(self) -> str:  # the name before outputs of any shape
+        return self.output
+
+    @classmethod
+    def exact(cls, out: Output, method: str, base: torch.Tensor, values: torch.Tensor, sets: list, single: bool,
+              weight: float, degree: int = 0, notes: Sequence[str] = (), cost: Optional[dict] = None) -> "Prediction":
+        """The result of a method without sampling noise (``retrain``, ``first_order``, ``exact``): ``base [P]``,
+        ``values [S, P]`` the output after each deletion; ``stderr`` is 0, per-degree fields are NaN (no terms)."""
+        S, P = values.shape
+        zero = torch.zeros(S, P, dtype=torch.float64)
+        nanK = torch.full((S, degree + 1, P), float("nan"), dtype=torch.float64)
+        pick = (lambda v: v[0]) if single else (lambda v: v)
+        shaped = {k: out.unflatten(pick(v)) for k, v in {
+            "estimate": values, "change": values - base, "stderr": zero, "median_of_means": values, "terms": nanK,
+            "term_stderr": nanK, "by_degree_change": nanK, "by_degree_stderr": nanK}.items()}
+        return cls(output=out.name, method=method, base=out.unflatten(base),
+                   safe_deletion_size=out.unflatten(torch.full((P,), float("nan"), dtype=torch.float64)),
+                   degree=degree, directions=0, deletion_size=len(sets[0]) if single else [len(d) for d in sets],
+                   weight=weight, delta=0.0, shape=_shape_json(out), sets=None if single else S,
+                   notes=list(notes) + [f"{method}: no sampling noise (stderr 0); per-degree fields are null"],
+                   cost=dict(cost or {}), **shaped)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """Always the same shape: the arrays carry a leading sets axis (length 1 for one set), non-finite numbers
+        are ``null`` and ``nulls`` says why."""
+        obj: dict = {"schema": SCHEMA}
+        nulls: set = set()
+        for k in ("method", "output", "degree", "directions", "weight", "delta", "control_variates", "warning"):
+            obj[k] = getattr(self, k)
+        obj["shape"] = self.shape
+        obj["sets"] = 1 if self.sets is None else self.sets
+        obj["deletion_sizes"] = [self.deletion_size] if self.sets is None else list(self.deletion_size)
+        for k in VALUE_FIELDS:
+            v = getattr(self, k)
+            if self.sets is None and k not in ("base",):
+                v = _map(v, lambda t: t.unsqueeze(0))
+            obj[k] = jsonable(v, nulls, k)
+        obj["notes"] = list(self.notes)
+        obj["cost"] = dict(self.cost)
+        obj["nulls"] = sorted(nulls)
+        return obj
+
+
+def _map(v, f):
+    return {k: f(x) for k, x in v.items()} if isinstance(v, dict) else f(v)
+
+
+def check_sets(delete, n: int) -> tuple[list[list[int]], bool]:
+    """One index list or a list of index lists -> (sets, single); every index checked against n."""
+    if isinstance(delete, torch.Tensor):
+        delete = delete.tolist()
+    single = len(delete) == 0 or not isinstance(delete[0], (list, tuple, range, np.ndarray, torch.Tensor))
+    sets = [list(delete)] if single else [list(d.tolist() if isinstance(d, torch.Tensor) else d) for d in delete]
+    for d in sets:
+        if len(d) == 0:
+            raise ValueError("empty deletion set")
+        for j in d:
+            if not 0 <= int(j) < n:
+                raise ValueError(f"deletion index {j} outside [0, {n})")
+    return [sorted(set(map(int, d))) for d in sets], single
+
+
+def deletion_matrix(sets: list[list[int]], n: int, weight: float) -> torch.Tensor:
+    D = torch.zeros(len(sets), n, dtype=torch.float64)
+    for i, d in enumerate(sets):
+        D[i, d] = weight
+    return D
+
+
+def summarize_safety(safe: torch.Tensor, sizes: torch.Tensor, weight: float, output: str) -> Optional[str]:
+    """One line for a whole call: how many (set, element) pairs go past the size the diagnostics support."""
+    eff = sizes.to(torch.float64) * weight * weight  # [S]
+    ok = torch.isfinite(safe)
+    if not bool(ok.any()):
+        return None
+    over = (eff[:, None] > safe[None, :]) & ok[None, :]  # [S, P]
+    if not bool(over.any()):
+        return None
+    S, P = over.shape
+    sets_over = int(over.any(1).sum())
+    where = f"{sets_over} of {S} deletion set{'s' if S > 1 else ''}"
+    if P > 1:
+        where += f" ({int(over.sum())} of {S * P} set-element pairs)"
+    biggest = int(sizes.max())
+    return (f"{output}: {where} exceed the deletion size the stability diagnostics consider safe (smallest safe size "
+            f"{float(safe[ok].min()):.3g}; largest set {biggest}, weight {weight}); the truncated series may be inaccurate")
 
 
 def predict(
     sketch,
-    queries: Union[Query, Sequence[Query]],
-    delete: Union[Sequence[int], Sequence[Sequence[int]]],
+    output,
+    delete,
     weight: float = 1.0,
     delta: float = 0.05,
     degree: Optional[int] = None,
     tolerance: float = 0.05,
     control_variates: bool = False,
-) -> Union[Prediction, list]:
-    """Predict outputs after deleting D (weight W: 1 deletes, 0<W<1 downweights, W<0 upweights).
+) -> Prediction:
+    """Predict an output after deleting D (weight W: 1 deletes, 0<W<1 downweights, W<0 upweights).
 
-    ``queries``: one query or a list; ``delete``: one index list or a list of index lists. Returns a
-    Prediction, or nested lists [query][set] when lists were given.
+    ``output``: anything :func:`delsketch.training.outputs.as_output` takes (a callable of any shape, a query
+    string, a list of them stacked on a leading axis). ``delete``: one index list, or a list of index lists.
 
-    ``degree``: truncate at this degree (at most the sketch's). ``control_variates``: subtract the part
-    of each direction's estimate explained by how far that direction happens to lean towards D (see
-    :func:`control_variate_adjust`); unbiased, and a smaller standard error when that lean drives the
-    scatter (it does for small deletion sets). ``terms`` then stay the plain per-degree means."""
-    single_q = isinstance(queries, str) or callable(queries)
-    qs = [queries] if single_q else list(queries)
-    single_d = len(delete) == 0 or not isinstance(delete[0], (list, tuple, range, np.ndarray, torch.Tensor))
-    sets = [list(delete)] if single_d else [list(d) for d in delete]
+    ``degree``: truncate at this degree (at most the sketch's). ``control_variates``: subtract the part of each
+    direction's estimate explained by how far that direction happens to lean towards D (see
+    :func:`control_variate_adjust`); unbiased, and a smaller standard error when that lean drives the scatter (it
+    does for small deletion sets). ``terms`` then stay the plain per-degree means. Warns at most once per call."""
+    out = sketch.output(output)
+    sets, single = check_sets(delete, sketch.n)
     k = sketch.degree if degree is None else degree
     if not 0 <= k <= sketch.degree:
         raise ValueError(f"degree must lie in [0, {sketch.degree}]")
-    D = torch.zeros(len(sets), sketch.n, dtype=torch.float64)
-    for i, d in enumerate(sets):
-        if len(d) == 0:
-            raise ValueError("empty deletion set")
-        for j in d:
-            if not 0 <= int(j) < sketch.n:
-                raise ValueError(f"deletion index {j} outside [0, {sketch.n})")
-        D[i, list(map(int, d))] = weight
-    lean = sketch.lean(D) if control_variates else None
-    out = []
-    for q in qs:
-        terms = sketch.per_direction_terms(q, D)[..., : k + 1]  # [S, m, K]
-        stab = sketch.stability(q, tolerance=tolerance)
-        row = []
-        for i, d in enumerate(sets):
-            t = terms[i]
-            m = t.shape[0]
-            cum = t.cumsum(-1)  # [m, k+1]: the estimate truncated at each degree
-            if lean is not None:
-                cum = torch.stack([control_variate_adjust(cum[:, r], lean[i], sketch.n, 1)
-                                   for r in range(k + 1)], -1)
-            est = cum[:, k]  # [m]
-            base = float(t[0, 0])
-            by_degree = [[float(cum[:, r].mean()) - base,
-                          float(cum[:, r].std(unbiased=True) / math.sqrt(m)) if m > 1 else float("nan")]
-                         for r in range(k + 1)]
-            se = by_degree[k][1]
-            mom = median_of_means(est, delta)
-            size = len(set(map(int, d)))
-            safe = stab.get("safe_deletion_size")
-            warn = None
-            eff = size * weight * weight
-            if safe is not None and eff > safe:
-                warn = (
-                    f"deletion of {size} examples (weight {weight}) exceeds the size the stability diagnostics "
-                    f"consider safe ({safe:.3g}); the truncated series may be inaccurate"
-                )
-                warnings.warn(warn, StabilityWarning)
-            row.append(
-                Prediction(
-                    query=query_name(q),
-                    estimate=float(est.mean()),
-                    base=base,
-                    change=float(est.mean()) - base,
-                    stderr=se,
-                    median_of_means=mom,
-                    delta=delta,
-                    terms=t.mean(0).tolist(),
-                    term_stderr=(t.std(0, unbiased=True) / math.sqrt(m)).tolist() if m > 1 else [float("nan")] * (k + 1),
-                    directions=m,
-                    degree=k,
-                    deletion_size=size,
-                    weight=weight,
-                    safe_deletion_size=safe,
-                    warning=warn,
-                    control_variates=lean is not None,
-                    by_degree=by_degree,
-                )
-            )
-        out.append(row)
-    if single_q and single_d:
-        return out[0][0]
-    if single_d:
-        return [r[0] for r in out]
-    if single_q:
-        return out[0]
-    return out
+    if not math.isfinite(weight):
+        raise ValueError(f"weight must be a finite number, got {weight}")
+    D = deletion_matrix(sets, sketch.n, weight)
+    c = sketch.coefficients(out)[:, : k + 1]  # [m, K, P]
+    m, K, P = c.shape
+    terms = sketch.per_direction_terms(out, D)[:, :, : k + 1]  # [S, m, K, P]
+    cum = terms.cumsum(2)
+    if control_variates:
+        lean = sketch.lean(D)  # [S, m]
+        cum = torch.stack([control_variate_adjust(cum[i], lean[i], sketch.n, 1) for i in range(len(sets))])
+    est = cum[:, :, k]  # [S, m, P]
+    base = c[0, 0].real  # [P]
+    sq = math.sqrt(m)
+    nan = torch.full((len(sets), K, P), float("nan"), dtype=torch.float64)
+    by_change = cum.mean(1) - base  # [S, K, P]
+    by_se = cum.std(1, unbiased=True) / sq if m > 1 else nan
+    stab = sketch.stability(out, tolerance=tolerance, elements=True)
+    safe = torch.as_tensor(stab["safe_deletion_size"], dtype=torch.float64).reshape(P)
+    sizes = torch.tensor([len(d) for d in sets])
+    warn = summarize_safety(safe, sizes, weight, out.name)
+    if warn is not None:
+        warnings.warn(warn, StabilityWarning, stacklevel=3)
+    fields = {
+        "estimate": est.mean(1),
+        "change": est.mean(1) - base,
+        "stderr": by_se[:, k],
+        "median_of_means": median_of_means(est, delta),
+        "terms": terms.mean(1),
+        "term_stderr": terms.std(1, unbiased=True) / sq if m > 1 else nan,
+        "by_degree_change": by_change,
+        "by_degree_stderr": by_se,
+    }
+    shaped = {name: out.unflatten(v[0] if single else v) for name, v in fields.items()}
+    notes = []
+    if m == 1:
+        notes.append("stderr is null: one direction gives no spread to estimate it from")
+    return Prediction(
+        output=out.name, method="sketch", base=out.unflatten(base), safe_deletion_size=out.unflatten(safe),
+        degree=k, directions=m, deletion_size=len(sets[0]) if single else [len(d) for d in sets], weight=weight,
+        delta=delta, shape=_shape_json(out), sets=None if single else len(sets), control_variates=control_variates,
+        warning=warn, notes=notes, **shaped,
+    )
 
-def effects(sketch, queries: Sequence[Query], weight: float = 1.0, degree: Optional[int] = None) -> torch.Tensor:
-    """Predicted change of every output when each single training example is deleted: [n, len(queries)]."""
+
+def _shape_json(out: Output):
+    s = out.shape
+    return {k: list(v) for k, v in s.items()} if isinstance(s, dict) else list(s)
+
+
+def effects(sketch, output, weight: float = 1.0, degree: Optional[int] = None):
+    """Predicted change of an output when each single training example is deleted: ``[n, *out]``."""
+    out = sketch.output(output)
     k = sketch.degree if degree is None else degree
     psi_c = sketch.psi().conj()  # [m, n]
     scale = sketch._scale()
-    cols = []
-    for q in queries:
-        c = sketch.coefficients(q)  # [m, K]
-        tot = torch.zeros(sketch.n, dtype=torch.float64)
-        for r in range(1, k + 1):
-            tot += (scale[r] * (c[:, r : r + 1] * (weight * psi_c) ** r)).real.mean(0)
-        cols.append(tot)
-    return torch.stack(cols, dim=1)
+    c = sketch.coefficients(out)  # [m, K, P]
+    tot = torch.zeros(sketch.n, c.shape[-1], dtype=torch.float64)
+    for r in range(1, k + 1):
+        tot += torch.einsum("mp,mn->np", scale[r] * c[:, r], (weight * psi_c) ** r).real / c.shape[0]
+    return out.unflatten(tot)

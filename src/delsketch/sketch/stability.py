@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 
 from .estimate import log_binom
@@ -53,7 +52,6 @@ def stability_report(c: torch.Tensor, n: int, tolerance: float = 0.05, confidenc
     m, K = c.shape
     k = K - 1
     rows = []
-    log_norm, log_rms = [], []
     gen = torch.Generator().manual_seed(12345)
     lo_q, hi_q = (1 - confidence) / 2, 1 - (1 - confidence) / 2
     for r in range(1, K):
@@ -75,25 +73,17 @@ def stability_report(c: torch.Tensor, n: int, tolerance: float = 0.05, confidenc
             "rms_coefficient": rms,
             "log2_per_direction": per_dir,
         })
-        log_norm.append(math.log(max(est, 1e-300)))
-        log_rms.append(math.log(max(rms, 1e-300)))
     report: dict[str, Any] = {"degrees": rows, "directions": m, "n": n, "degree": k, "tolerance": tolerance}
     if k >= 2:
-        rs = np.arange(1, K)
-        slope, intercept = np.polyfit(rs, np.array(log_norm), 1)
-        slope_t, intercept_t = np.polyfit(rs, np.array(log_rms), 1)
-        rho = float(math.exp(slope))
+        fit = element_stability(c.reshape(m, K, 1), n, tolerance)
+        rho = float(fit["decay_per_degree"][0])
         report["decay_per_degree"] = rho
-        report["log2_decay_per_degree"] = float(slope / math.log(2))
-        report["safe_deletion_size"] = _safe_size(math.exp(intercept_t), math.exp(slope_t), k, n, tolerance)
-        report["safe_deletion_size_worst_case"] = _safe_size(math.exp(intercept), rho, k, n, tolerance)
-        if rho < 0.9:
-            verdict = "stable: Taylor terms decay geometrically"
-        elif rho <= 1.1:
-            verdict = "marginal: Taylor terms do not clearly decay"
-        else:
-            verdict = "unstable: Taylor terms grow with degree; predictions are unreliable"
-        report["verdict"] = verdict
+        report["log2_decay_per_degree"] = math.log2(rho) if rho > 0 else None
+        report["safe_deletion_size"] = float(fit["safe_deletion_size"][0])
+        report["safe_deletion_size_worst_case"] = float(fit["safe_deletion_size_worst_case"][0])
+        report["verdict"] = {"stable": "stable: Taylor terms decay geometrically",
+                             "marginal": "marginal: Taylor terms do not clearly decay",
+                             "unstable": "unstable: Taylor terms grow with degree; predictions are unreliable"}[verdict_of(rho)]
     else:
         report["decay_per_degree"] = None
         report["log2_decay_per_degree"] = None
@@ -101,3 +91,77 @@ def stability_report(c: torch.Tensor, n: int, tolerance: float = 0.05, confidenc
         report["safe_deletion_size_worst_case"] = None
         report["verdict"] = "unknown: a degree-1 sketch cannot show decay"
     return report
+
+
+def _fit(log_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares line through (r, log size_r), r = 1..k, for every column of ``log_sizes [k, P]``:
+    (intercept, slope) as [P] tensors."""
+    k = log_sizes.shape[0]
+    r = torch.arange(1, k + 1, dtype=torch.float64)[:, None]
+    rm, ym = r.mean(), log_sizes.mean(0)
+    slope = ((r - rm) * (log_sizes - ym)).sum(0) / ((r - rm) ** 2).sum()
+    return ym - slope * rm, slope
+
+
+def safe_sizes(A: torch.Tensor, rho: torch.Tensor, k: int, n: int, tolerance: float) -> torch.Tensor:
+    """Vectorized :func:`_safe_size`: the largest s with sum_{r>k} A (rho sqrt(s))^r < tolerance, for every
+    element; an element whose terms are all zero is safe at every size (n)."""
+    A, rho = A.to(torch.float64), rho.to(torch.float64)
+    out = torch.empty_like(A)
+    for i in range(A.numel()):
+        a, p = float(A.reshape(-1)[i]), float(rho.reshape(-1)[i])
+        out.reshape(-1)[i] = float(n) if a <= 1e-250 else _safe_size(a, p, k, n, tolerance)
+    return out
+
+
+def element_stability(c: torch.Tensor, n: int, tolerance: float = 0.05) -> dict:
+    """Per-element decay and safe deletion sizes of a vector output from its coefficients ``c [m, K, P]``
+    (no bootstrap): what :func:`delsketch.sketch.predict.predict` checks every set against."""
+    m, K, P = c.shape
+    k = K - 1
+    if k < 2:
+        nan = torch.full((P,), float("nan"), dtype=torch.float64)
+        return {"safe_deletion_size": nan, "safe_deletion_size_worst_case": nan, "decay_per_degree": nan}
+    scale = torch.tensor([math.exp(log_binom(n, r)) for r in range(1, K)], dtype=torch.float64)[:, None]
+    rms = (c[:, 1:].abs() ** 2).mean(0).sqrt()  # [k, P]
+    zero = rms.max(0).values <= 1e-250
+    log_rms = rms.clamp_min(1e-300).log()
+    log_norm = (rms * scale.sqrt()).clamp_min(1e-300).log()
+    a_t, s_t = _fit(log_rms)
+    a_n, s_n = _fit(log_norm)
+    A_t = torch.where(zero, torch.zeros_like(a_t), a_t.exp())
+    A_n = torch.where(zero, torch.zeros_like(a_n), a_n.exp())
+    return {
+        "safe_deletion_size": safe_sizes(A_t, s_t.exp(), k, n, tolerance),
+        "safe_deletion_size_worst_case": safe_sizes(A_n, s_n.exp(), k, n, tolerance),
+        "decay_per_degree": torch.where(zero, torch.zeros_like(s_n), s_n.exp()),
+    }
+
+
+def verdict_of(rho: float) -> str:
+    if rho < 0.9:
+        return "stable"
+    return "marginal" if rho <= 1.1 else "unstable"
+
+
+def vector_report(c: torch.Tensor, n: int, names: list, tolerance: float = 0.05) -> dict:
+    """The stability of a vector output ``c [m, K, P]``: per-element decay and safe sizes, and one verdict that
+    counts the elements in each state (the worst element named)."""
+    m, K, P = c.shape
+    fit = element_stability(c, n, tolerance)
+    rep: dict[str, Any] = {"directions": m, "n": n, "degree": K - 1, "tolerance": tolerance, "elements": P,
+                           "names": names}
+    rep.update({k: v.tolist() for k, v in fit.items()})
+    if K - 1 < 2:
+        rep["verdict"] = "unknown: a degree-1 sketch cannot show decay"
+        return rep
+    rho = fit["decay_per_degree"]
+    counts = {v: 0 for v in ("stable", "marginal", "unstable")}
+    for r in rho.tolist():
+        counts[verdict_of(r)] += 1
+    worst = int(torch.argmax(rho))
+    rep["counts"] = counts
+    rep["worst_element"] = names[worst]
+    rep["verdict"] = (f"{verdict_of(float(rho[worst]))}: {counts['stable']} of {P} elements stable, {counts['marginal']} "
+                      f"marginal, {counts['unstable']} unstable (worst {names[worst]}, decay {float(rho[worst]):.3g} per degree)")
+    return rep

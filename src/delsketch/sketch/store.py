@@ -32,18 +32,25 @@ from safetensors.torch import load_file
 from .. import series as taylor
 from ..io import sha256_file, versions
 from ..training import Task
-from .core import FORMAT, Query, SketchError, StabilityWarning, evaluate
+from ..training.outputs import Output, as_output
+from .core import FORMAT, Query, SketchError, StabilityWarning
 from .estimate import log_binom
 from .predict import effects as effects_fn
 from .predict import predict as predict_fn
-from .stability import stability_report
+from .stability import element_stability, stability_report, vector_report
 
 def complex_to_real(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(t.contiguous())
 
 
 def real_to_complex(t: torch.Tensor) -> torch.Tensor:
-    return torch.view_as_complex(t.contiguous())
+    """The complex view of a [..., 2] real tensor. Tensors read by safetensors sit at the file's offsets, often
+    8 but not 16 bytes aligned; a complex128 view of such memory crashed torch 2.13's cat (a segmentation fault
+    in a degree-1 sketch's first prediction), so misaligned data is copied first."""
+    t = t.contiguous()
+    if t.data_ptr() % 16:
+        t = t.clone()
+    return torch.view_as_complex(t)
 
 
 def chunk_name(i: int) -> str:
@@ -213,7 +220,11 @@ class Sketch:
         self.task = task
         self.n = manifest["n"]
         self.degree = manifest["config"]["degree"]
-        self._cache: dict[str, torch.Tensor] = {}
+        self._cache: dict = {}
+        self._outputs: dict[str, Output] = {}
+        self._chunks: dict[Path, dict[str, torch.Tensor]] = {}
+        self._held = 0
+        self._base: Optional[dict[str, torch.Tensor]] = None
         self._psi: Optional[torch.Tensor] = None
 
     # -- loading ----------------------------------------------------------------------------------
@@ -275,46 +286,75 @@ class Sketch:
             self._psi = torch.cat([real_to_complex(load_file(p)["psi"]) for p in self._chunk_files()])
         return self._psi
 
+    #: chunk tensors up to this many bytes are kept in memory after the first read (an output evaluated later
+    #: reads no file again); a larger sketch is streamed from disk chunk by chunk on every evaluation
+    MEMORY_BUDGET = 2 << 30
+
+    def _chunk_tensors(self, p: Path) -> dict[str, torch.Tensor]:
+        if p in self._chunks:
+            return self._chunks[p]
+        t = load_file(p)
+        size = sum(x.numel() * x.element_size() for x in t.values())
+        if self._held + size <= self.MEMORY_BUDGET:
+            self._chunks[p] = t
+            self._held += size
+        return t
+
     def chunk_params(self) -> Iterable[dict[str, taylor.Series]]:
-        base = self.base_params()
+        if self._base is None:
+            self._base = self.base_params()
         for p in self._chunk_files():
-            t = load_file(p)
+            t = self._chunk_tensors(p)
             out = {}
-            for k, b in base.items():
+            for k, b in self._base.items():
                 hi = real_to_complex(t[f"param.{k}"])
                 c = torch.cat([b.to(torch.complex128).expand(hi.shape[0], 1, *b.shape), hi], dim=1)
                 out[k] = taylor.variable(c)
             yield out
 
-    def coefficients(self, query: Query) -> torch.Tensor:
-        """c_r(psi_j) of an output for every direction: [m, K] complex."""
-        key = query if isinstance(query, str) else None
-        if key is not None and key in self._cache:
-            return self._cache[key]
+    def output(self, query) -> Output:
+        """The :class:`~delsketch.training.outputs.Output` for whatever the user passed (query strings resolved
+        once, so their coefficients are cached)."""
+        if isinstance(query, str):
+            if query not in self._outputs:
+                self._outputs[query] = as_output(self.task, query)
+            return self._outputs[query]
+        return as_output(self.task, query)
+
+    def coefficients(self, query) -> torch.Tensor:
+        """c_r(psi_j) of an output for every direction: ``[m, K, P]`` complex (P = the output's size; one batched
+        evaluation per chunk of directions). Cached per output (query string, ready-made output, or the same
+        callable/Output object)."""
+        out = self.output(query)
+        key = out.cache_key if out.cache_key is not None else ("fn", id(out.fn))
+        hit = self._cache.get(key)
+        if hit is not None and (out.cache_key is not None or hit[0] is out.fn):
+            if out.parts is None:
+                out.parts = hit[2]
+            return hit[1]
         parts = []
         for params in self.chunk_params():
             with taylor.module_context():
-                c = taylor.coefficients(evaluate(self.task, params, query))
+                c = out.flat_coefficients(params, self.degree)
             parts.append(c.expand(next(iter(params.values())).m, *c.shape[1:]))
-        out = torch.cat(parts)
-        if key is not None:
-            self._cache[key] = out
-        return out
+        coeffs = torch.cat(parts)
+        self._cache[key] = (out.fn, coeffs, out.parts)  # holding fn keeps its id from being reused
+        return coeffs
 
     # -- estimates --------------------------------------------------------------------------------
     def _scale(self) -> torch.Tensor:
         """C(n+r-1, r) for r = 0..k."""
         return torch.tensor([math.exp(log_binom(self.n, r)) for r in range(self.degree + 1)], dtype=torch.float64)
 
-    def per_direction_terms(self, query: Query, deletions: torch.Tensor) -> torch.Tensor:
+    def per_direction_terms(self, query, deletions: torch.Tensor) -> torch.Tensor:
         """Unbiased per-direction estimates of each degree's Taylor term.
 
-        ``deletions``: [S, n] real (weights W 1_D per set). Returns [S, m, K] real."""
-        c = self.coefficients(query)  # [m, K]
+        ``deletions``: [S, n] real (weights W 1_D per set). Returns [S, m, K, P] real."""
+        c = self.coefficients(query)  # [m, K, P]
         s = deletions.to(torch.complex128) @ self.psi().conj().T  # [S, m]
         r = torch.arange(self.degree + 1)
         powers = s[..., None] ** r  # [S, m, K]
-        return (self._scale() * c[None] * powers).real
+        return (self._scale()[:, None] * c[None] * powers[..., None]).real
 
     def lean(self, deletions: torch.Tensor) -> torch.Tensor:
         """How far each direction leans towards each deletion vector v: |<psi, v>|^2 / |v|^2, Beta(1, n-1)
@@ -322,16 +362,24 @@ class Sketch:
         s = deletions.to(torch.complex128) @ self.psi().conj().T  # [S, m]
         return s.abs() ** 2 / (deletions**2).sum(1, keepdim=True)
 
-    def predict(self, queries, delete, weight: float = 1.0, delta: float = 0.05, degree: Optional[int] = None,
+    def predict(self, output, delete, weight: float = 1.0, delta: float = 0.05, degree: Optional[int] = None,
                 tolerance: float = 0.05, control_variates: bool = False):
         """See :func:`delsketch.sketch.predict.predict`."""
-        return predict_fn(self, queries, delete, weight=weight, delta=delta, degree=degree, tolerance=tolerance,
-                       control_variates=control_variates)
+        return predict_fn(self, output, delete, weight=weight, delta=delta, degree=degree, tolerance=tolerance,
+                          control_variates=control_variates)
 
-    def effects(self, queries: Sequence[Query], weight: float = 1.0, degree: Optional[int] = None) -> torch.Tensor:
-        """See :func:`delsketch.sketch.predict.effects`."""
-        return effects_fn(self, queries, weight=weight, degree=degree)
+    def effects(self, output, weight: float = 1.0, degree: Optional[int] = None):
+        """See :func:`delsketch.sketch.predict.effects`: ``[n, *out]``."""
+        return effects_fn(self, output, weight=weight, degree=degree)
 
-    def stability(self, query: Query, tolerance: float = 0.05, confidence: float = 0.95) -> dict:
-        return stability_report(self.coefficients(query), self.n, tolerance=tolerance, confidence=confidence)
-
+    def stability(self, output, tolerance: float = 0.05, confidence: float = 0.95, elements: bool = False) -> dict:
+        """Stability diagnostics of an output: the full report (per-degree sizes with bootstrap intervals) for a
+        scalar, a per-element summary (:func:`~delsketch.sketch.stability.vector_report`) for a vector;
+        ``elements=True``: just the per-element safe sizes and decay as ``[P]`` tensors."""
+        out = self.output(output)
+        c = self.coefficients(out)
+        if elements:
+            return element_stability(c, self.n, tolerance)
+        if out.size == 1:
+            return stability_report(c[:, :, 0], self.n, tolerance=tolerance, confidence=confidence)
+        return vector_report(c, self.n, out.element_names(), tolerance=tolerance)

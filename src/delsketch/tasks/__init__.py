@@ -17,8 +17,9 @@ import inspect
 from typing import Callable
 
 from ..training import Task
+from .user import load_task_file, task_file_spec
 
-__all__ = ["PRESETS", "get_preset", "preset_overrides", "build_from_spec", "factory"]
+__all__ = ["PRESETS", "get_preset", "preset_overrides", "build_from_spec", "factory", "load_task_file", "task_file_spec"]
 
 PRESETS: tuple[str, ...] = ("paper", "names", "digits")
 
@@ -67,12 +68,17 @@ def preset_overrides(name: str) -> dict[str, object]:
 
 
 def build_from_spec(spec: dict) -> Task:
-    """The task a sketch's ``task_spec`` records: ``{"preset", "data", "steps", "preset_steps", **overrides}``
+    """The task a sketch's ``task_spec`` records: ``{"preset", "data", "steps", "preset_steps", **overrides}``, or
+    ``{"task": "FILE.py:FUNCTION", "steps"}`` for a user's task file (:mod:`delsketch.tasks.user`)
     (``steps`` keeps the first N steps of the schedule, as the CLI's ``--steps``; ``preset_steps`` is the
     builder's own ``steps``, which sets the length of the run and of its schedules)."""
     from ..training import first_steps
 
     spec = dict(spec)
+    if "task" in spec:  # a user's task file (--task FILE.py:FUNCTION)
+        from .user import load_task_file
+
+        return first_steps(load_task_file(spec["task"]), spec.get("steps"))
     name = spec.pop("preset")
     data, steps, preset_steps = spec.pop("data", None), spec.pop("steps", None), spec.pop("preset_steps", None)
     return first_steps(get_preset(name)(data=data, steps=preset_steps, **spec), steps)

@@ -72,6 +72,9 @@ class Task:
         step's (detached, for reporting) batch loss and the gradients ``{name: tensor}`` handed to the optimizer
         (e.g. DP-SGD, :func:`delsketch.privacy.make_private`). Such a task may have empty batches (the
         transform handles them). Its ``describe()`` is part of the fingerprint when it has one.
+    outputs: named outputs ``{name: callable params -> Tensor (any shape) or Output}``, usable wherever a query
+        string is (``sketch.predict("test_losses", D)``, ``delsketch predict --query test_losses``); not part of
+        the fingerprint (outputs are chosen after training).
     """
 
     name: str
@@ -94,6 +97,7 @@ class Task:
     loss_fn: Optional[Callable[[Any, Any], Tensor]] = None
     data: Optional[tuple] = None
     gradient: Optional[Callable[..., tuple[Tensor, Params]]] = None
+    outputs: dict = field(default_factory=dict)
 
     @classmethod
     def from_module(cls, model, data, loss_fn, optimizer, **kwargs) -> "Task":
@@ -213,8 +217,8 @@ def describe_callable(fn: Any) -> str:
         fn = type(fn)
     try:
         parts.append(inspect.getsource(fn))
-    except (OSError, TypeError):
-        pass
+    except Exception:  # no source (OSError, TypeError), or linecache found an unrelated file of the same name and
+        pass  # tokenizing it failed (tokenize.TokenError, SyntaxError): the qualified name stands alone
     return "\n".join(parts)
 
 
