@@ -126,6 +126,7 @@ def test_newton_refuses_large_models(digits):
 
 def test_sketch_method_agrees_with_retraining_within_its_error_bars(tmp_path):
     from delsketch.sketch import precompute
+    from delsketch.unlearn.methods.sketch import predicted_params
 
     task = get_preset("digits")(n_train=100, n_test=50, batch=20, epochs=2)
     sk = precompute(task, tmp_path / "sk", 64, 3)
@@ -133,6 +134,10 @@ def test_sketch_method_agrees_with_retraining_within_its_error_bars(tmp_path):
     hits = []
     for D in ([3, 17, 42], task.select("class:3")):
         u = unlearn(task, D, "sketch", params=p, sketch=sk, available_data="none")
+        # Sketch.predict of the parameters output equals the estimator written out on the stored series
+        est, se = predicted_params(sk, D, 1)
+        assert all(torch.allclose(u.params[k], est[k], rtol=0, atol=1e-13) for k in est)
+        assert all(torch.allclose(u.stderr[k], se[k], rtol=0, atol=1e-13) for k in se)
         r = retrain(task, D)
         cover = torch.cat([((u.params[k] - r[k]).abs() <= 2 * u.stderr[k] + 1e-12).flatten() for k in r])
         assert float(cover.double().mean()) >= 0.9

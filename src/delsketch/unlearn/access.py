@@ -103,7 +103,7 @@ def outputs_of(task: Task) -> Optional[Outputs]:
             return z, mask
 
         def text_labels(idx):
-            return corpus.targets[idx]
+            return corpus.targets[idx, :max(corpus.lengths[i] for i in idx.tolist())]
 
         return Outputs("text", text_logits, text_labels, None, corpus.model.cfg.vocab_size)
     if task.forward is not None and task.data is not None:

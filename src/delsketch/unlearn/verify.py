@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -33,8 +34,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import series as taylor
-from ..sketch.estimate import log_binom
 from ..training import Task, retrain, train
 from .access import UnlearnError, forward, outputs_of, test_data
 from .core import Unlearned, run_cost
@@ -171,23 +170,6 @@ class Reference:
     predicted: dict = field(default_factory=dict)  # sketch: mean losses predicted directly, with stderr
 
 
-def _sketch_loss_terms(sk, fn, delete, degree=None) -> Tensor:
-    """Per-direction degree-k estimates ``[m, b]`` of the outputs ``fn(params) [b]`` after deleting ``delete``."""
-    k = sk.degree if degree is None else int(degree)
-    s = sk.psi()[:, torch.tensor(list(delete), dtype=torch.long)].conj().sum(1)
-    scale = torch.tensor([math.exp(log_binom(sk.n, r)) for r in range(k + 1)], dtype=torch.complex128)
-    parts, o = [], 0
-    for params in sk.chunk_params():
-        mc = next(iter(params.values())).m
-        with torch.no_grad(), taylor.module_context():
-            c = taylor.coefficients(fn(params))[:, : k + 1]  # [1 or mc, k+1, b]
-        c = c.expand(mc, *c.shape[1:])
-        pw = (scale * s[o:o + mc, None] ** torch.arange(k + 1))[..., None]  # [mc, k+1, 1]
-        parts.append((c * pw).sum(1).real)
-        o += mc
-    return torch.cat(parts)
-
-
 def reference(task: Task, forgotten: Sequence[int], kind: str = "retrain", sketch=None, original: Optional[dict] = None,
               test=None, relearn_lr: Optional[float] = None, relearn_max: int = 200, degree: Optional[int] = None,
               param_degree: int = 1) -> Reference:
@@ -211,18 +193,21 @@ def reference(task: Task, forgotten: Sequence[int], kind: str = "retrain", sketc
         if sketch is None:
             raise UnlearnError("a sketch reference needs a sketch of the task")
         params, _ = predicted_params(sketch, forgotten, param_degree)
-        for name, fn in (("forget_loss", lambda p: task.example_losses(p, torch.tensor(forgotten))),
-                         ("retain_loss", lambda p: task.example_losses(p, torch.tensor(ev.retain)))):
-            per = _sketch_loss_terms(sketch, fn, forgotten, degree)
-            predicted[name] = {"per_example": per.mean(0).tolist(),
-                               "per_example_stderr": (per.std(0) / math.sqrt(per.shape[0])).tolist(),
-                               "mean": float(per.mean()), "stderr": float(per.mean(1).std() / math.sqrt(per.shape[0]))}
-        if ev.test is not None:
-            X, y = ev.test
-            per = _sketch_loss_terms(sketch, lambda p: torch.nn.functional.cross_entropy(
-                forward(task, p, X), y, reduction="none"), forgotten, degree)
-            predicted["test_loss"] = {"mean": float(per.mean()),
-                                      "stderr": float(per.mean(1).std() / math.sqrt(per.shape[0]))}
+        from ..training.outputs import own_losses
+
+        fidx, ridx = torch.tensor(forgotten), torch.tensor(ev.retain)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the stability warning is reported by the sketch method itself
+            per = sketch.predict(own_losses(task, forgotten), forgotten, degree=degree)
+            means = {"forget_loss": sketch.predict(lambda p: task.example_losses(p, fidx).mean(), forgotten, degree=degree),
+                     "retain_loss": sketch.predict(lambda p: task.example_losses(p, ridx).mean(), forgotten, degree=degree)}
+            if ev.test is not None:
+                X, y = ev.test
+                means["test_loss"] = sketch.predict(lambda p: torch.nn.functional.cross_entropy(
+                    forward(task, p, X), y), forgotten, degree=degree)
+        for name, pr in means.items():
+            predicted[name] = {"mean": float(pr.estimate), "stderr": float(pr.stderr)}
+        predicted["forget_loss"].update(per_example=per.estimate.tolist(), per_example_stderr=per.stderr.tolist())
     else:
         raise UnlearnError(f"unknown reference {kind!r} (choose from: retrain, sketch)")
     seconds = time.perf_counter() - t0

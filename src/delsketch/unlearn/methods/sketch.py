@@ -5,7 +5,8 @@ directions psi, series coefficients).
 For each stored direction j the degree-k estimate of a parameter is
 ``sum_{r=0..k} Re[C(n+r-1, r) c_r(psi_j) (sum_{i in D} conj psi_{j,i})^r]`` (the estimator of
 :mod:`delsketch.sketch.predict`, applied to every parameter entry); the prediction is the mean over directions,
-its error bar the standard error over directions. D is everything forgotten so far (a sketch predicts from the
+its error bar the standard error over directions (``Sketch.predict`` of the output
+:func:`delsketch.training.outputs.parameters`). D is everything forgotten so far (a sketch predicts from the
 original run).
 
 Default ``degree`` 1: every parameter entry carries its own sampling noise, and the noise of the degree-r term
@@ -26,7 +27,10 @@ from ..core import Method, register
 
 
 def predicted_params(sk, delete, degree=None):
-    """(estimate, stderr) dicts of tensors shaped like the parameters, for deleting ``delete``."""
+    """(estimate, stderr) dicts of tensors shaped like the parameters, for deleting ``delete``: the estimator
+    written out on the stored series-valued parameters. The method itself asks ``Sketch.predict`` with the
+    ready-made output :func:`delsketch.training.outputs.parameters`; ``tests/test_unlearn.py`` checks that the
+    two agree."""
     k = sk.degree if degree is None else int(degree)
     if not 0 <= k <= sk.degree:
         raise UnlearnError(f"sketch: degree must lie in [0, {sk.degree}]")
@@ -52,11 +56,20 @@ def predicted_params(sk, delete, degree=None):
 
 
 def run(task, params, access, sketch=None, degree=1):
+    import warnings
+
+    from ...training.outputs import parameters
+
     if degree is not None and not 0 <= int(degree) <= sketch.degree:
         raise UnlearnError(f"sketch: degree must lie in [0, {sketch.degree}] (the sketch's degree)")
-    est, se = predicted_params(sketch, access.forgotten, degree)
-    return est, {"stderr": se, "directions": sketch.m, "degree": sketch.degree if degree is None else int(degree),
-                 "sketch": str(sketch.path)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pred = sketch.predict(parameters(), access.forgotten, degree=degree)
+    info = {"stderr": dict(pred.stderr), "directions": sketch.m,
+            "degree": sketch.degree if degree is None else int(degree), "sketch": str(sketch.path)}
+    if caught:
+        info["warning"] = str(caught[0].message).splitlines()[0]
+    return dict(pred.estimate), info
 
 
 register(Method("sketch", run, "none", {"degree": 1},
