@@ -280,3 +280,21 @@ def test_cli_unlearn_and_verify(tmp_path, capsys):
         assert err.startswith("error: ") and msg in err and err.count("\n") == 1
     assert main(["unlearn", "verify", str(tmp_path / "missing")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_cli_sketch_method_and_sketch_reference(tmp_path, capsys):
+    sets = ["--set", "n_train=100", "--set", "n_test=50", "--set", "batch=20", "--set", "epochs=2"]
+    assert main(["sketch", "--preset", "digits", *sets, "--directions", "16", "--degree", "2", "--out",
+                 str(tmp_path / "sk")]) == 0
+    capsys.readouterr()
+    out = tmp_path / "u"
+    assert main(["unlearn", "--preset", "digits", *sets, "--forget", "3,17,42", "--method", "sketch", "--sketch",
+                 str(tmp_path / "sk"), "--available-data", "none", "--out", str(out), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["cost"]["example_evaluations"] == 0 and res["settings"] == {"degree": 1}
+    assert main(["unlearn", "verify", str(out), "--reference", "sketch", "--sketch", str(tmp_path / "sk"), "--json"]) == 0
+    v = json.loads(capsys.readouterr().out)
+    assert v["reference"] == "sketch" and "reference_predicted" in v and v["reference_predicted"]["forget_loss"]["stderr"] > 0
+    assert main(["unlearn", "--preset", "digits", *sets, "--forget", "3", "--method", "sketch", "--out",
+                 str(tmp_path / "v")]) == 2
+    assert "needs --sketch" in capsys.readouterr().err

@@ -37,12 +37,11 @@ def _pairs(items: tuple, flag: str) -> dict:
     return out
 
 
-def _spec(preset: str, data: Optional[str], steps: Optional[int], sets: tuple) -> dict:
-    if data is not None and not Path(data).exists():
-        raise ValueError(f"data file not found: {data}")
-    spec = {"preset": preset, "data": str(Path(data).resolve()) if data else None, "steps": steps}
-    spec.update(_pairs(sets, "--set"))
-    return spec
+def _spec(preset: Optional[str], data: Optional[str], steps: Optional[int], sets: tuple, task_ref: Optional[str]) -> dict:
+    """The core command line's task spec (``--preset`` with ``--set``, or ``--task FILE.py:FUNCTION``)."""
+    from .cli import task_spec
+
+    return task_spec(preset, data, steps, task_ref, sets)
 
 
 def _sketch(path: Optional[str], task):
@@ -81,7 +80,8 @@ def _print_verification(v: dict) -> None:
              help="Remove training examples from a preset's trained model (methods: retrain, finetune, "
                   "gradient_ascent, neggrad_plus, scrub, newton, synthetic, sketch) and write it to --out; "
                   "'delsketch unlearn verify DIR' compares the result with retraining.")
-@click.option("--preset", default=None, help="paper | names | digits")
+@click.option("--preset", default=None, help="paper | names | digits (or --task)")
+@click.option("--task", "task_ref", default=None, help="your own task: FILE.py:FUNCTION returning a Task")
 @click.option("--data", default=None, help="data file (paper preset)")
 @click.option("--steps", type=int, default=None, help="run only the first N steps of the schedule")
 @click.option("--set", "sets", multiple=True, help="preset override KEY=VALUE (e.g. n_train=100), repeatable")
@@ -95,11 +95,11 @@ def _print_verification(v: dict) -> None:
 @click.option("--verify", "check", is_flag=True, help="also verify against retraining and print the table")
 @click.option("--json", "json_out", is_flag=True, help="print JSON instead of a table")
 @click.pass_context
-def unlearn_group(ctx, preset, data, steps, sets, forget, method, options, available, sketch_dir, out_dir, check,
-                  json_out):
+def unlearn_group(ctx, preset, task_ref, data, steps, sets, forget, method, options, available, sketch_dir, out_dir,
+                  check, json_out):
     if ctx.invoked_subcommand is not None:
-        given = [f for f, v in (("--preset", preset), ("--forget", forget), ("--method", method), ("--out", out_dir))
-                 if v is not None]
+        given = [f for f, v in (("--preset", preset), ("--task", task_ref), ("--forget", forget), ("--method", method),
+                                ("--out", out_dir)) if v is not None]
         if given:
             raise click.UsageError(f"{', '.join(given)} belong to 'delsketch unlearn', not to its subcommand")
         return
@@ -108,8 +108,8 @@ def unlearn_group(ctx, preset, data, steps, sets, forget, method, options, avail
     from ..unlearn import METHODS, save, unlearn, verify
     from .cli import parse_spec
 
-    missing = [f for f, v in (("--preset", preset), ("--forget", forget), ("--method", method), ("--out", out_dir))
-               if v is None]
+    missing = [f for f, v in (("--preset or --task", preset or task_ref), ("--forget", forget), ("--method", method),
+                              ("--out", out_dir)) if v is None]
     if missing:
         raise click.UsageError(f"missing {', '.join(missing)} (e.g. delsketch unlearn --preset digits --forget "
                                "class:3 --method scrub --out DIR)")
@@ -120,7 +120,7 @@ def unlearn_group(ctx, preset, data, steps, sets, forget, method, options, avail
         raise ValueError(f"--out {out_dir} exists and is not a directory")
     if sketch_dir is not None and out.exists() and out.resolve() == Path(sketch_dir).resolve():
         raise ValueError("--out must not be the sketch directory")
-    spec = _spec(preset, data, steps, sets)
+    spec = _spec(preset, data, steps, sets, task_ref)
     task = build_from_spec(spec)
     idx = parse_spec(forget, task)
     settings = _pairs(options, "--option")
@@ -156,8 +156,9 @@ def verify_command(out_dir, reference, sketch_dir, json_out):
 
     man = read_manifest(out_dir)
     spec = man.get("task_spec")
-    if not isinstance(spec, dict) or "preset" not in spec:
-        raise ValueError(f"{out_dir}: made from Python (no preset recorded); verify it with delsketch.unlearn.verify")
+    if not isinstance(spec, dict) or not ("preset" in spec or "task" in spec):
+        raise ValueError(f"{out_dir}: made from Python (no preset or task file recorded); verify it with "
+                         "delsketch.unlearn.verify")
     if spec.get("data") is not None and not Path(spec["data"]).exists():
         raise ValueError(f"data file not found: {spec['data']} (the model was made from it)")
     task = build_from_spec(spec)

@@ -62,12 +62,19 @@ def run(task, params, access, sketch=None, forget_labels=None, noise=32, impress
         input_shape=None, input_bounds=None, seed=0):
     if forget_labels is None:
         try:
-            forget_labels = sorted({int(v) for v in access.labels(access.forget).tolist()})
+            access.need("forget")
         except UnlearnError as e:
             raise UnlearnError(f"{e}; pass forget_labels=[...] to unlearn without reading any example") from None
+        if access.outputs().kind != "classifier":
+            raise UnlearnError(f"synthetic needs a classifier on continuous inputs; task {task.name!r} is "
+                               f"{access.outputs().kind}")
+        forget_labels = sorted({int(v) for v in access.labels(access.forget).tolist()})
         source = "read from the forget examples' labels"
     else:
-        forget_labels = sorted({int(c) for c in forget_labels})
+        try:
+            forget_labels = sorted({int(c) for c in forget_labels})
+        except (TypeError, ValueError):
+            raise UnlearnError("synthetic: forget_labels must be a list of class labels (integers)") from None
         source = "given (forget_labels)"
     if task.model is None and task.forward is None:
         raise UnlearnError("synthetic needs the model to evaluate on synthetic inputs")
