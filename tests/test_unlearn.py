@@ -45,6 +45,14 @@ def test_retrain_verifies_perfectly_against_itself(digits):
     assert v["relearn_steps"] == v["relearn_steps_reference"] and v["relearn_ratio"] == 1.0
     assert v["verdict"].startswith("retrain: close")
     assert v["reference_metrics"]["forget_acc"] < v["original"]["forget_acc"]  # the class really was forgotten
+    # accuracies against an independent evaluation of the model (privacy's digits helpers)
+    from delsketch.privacy import accuracy, digits_test_data
+
+    X, y = digits_test_data(task)
+    assert v["original"]["test_acc"] == pytest.approx(accuracy(task, p, X, y), abs=1e-15)
+    assert v["unlearned"]["test_acc"] == pytest.approx(accuracy(task, u.params, X, y), abs=1e-15)
+    Xf = torch.tensor([task.examples[i]["image"] for i in D], dtype=torch.float64) / 16
+    assert v["unlearned"]["forget_acc"] == pytest.approx(accuracy(task, u.params, Xf, torch.full((len(D),), 3)), abs=1e-15)
 
 
 def test_approximate_methods_run_and_verdicts_name_a_side(digits):
@@ -210,6 +218,9 @@ def test_bad_input_is_one_line(digits, tmp_path):
     other = get_preset("digits")(n_train=100, n_test=200, batch=20, epochs=4, hidden=16)
     with pytest.raises(UnlearnError, match="do not match task"):
         unlearn(other, [1], "finetune", params=p)
+    u = unlearn(task, [1], "gradient_ascent", params=p)
+    with pytest.raises(UnlearnError, match="made from another task"):
+        verify(get_preset("digits")(n_train=100, n_test=200, batch=20, epochs=3), u)
     with pytest.raises(UnlearnError, match="pass the trained model's params"):
         unlearn(task, [1], "gradient_ascent", available_data="forget_only")
 
