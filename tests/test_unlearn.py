@@ -126,6 +126,18 @@ def test_mia_advantage_is_the_roc_curves_largest_gap():
         assert advantage(a, b) == pytest.approx(float(np.max(np.abs(np.array(r["tpr"]) - np.array(r["fpr"])))), abs=1e-12)
 
 
+def test_lira_level_of_the_forget_set(digits):
+    task, p = digits
+    D = task.select("class:3")
+    ref = reference(task, D, original=p, lira=4)
+    u = unlearn(task, D, "retrain", params=p)
+    v = verify(task, u, reference=ref)
+    L = v["lira"]
+    assert L["unlearned"] == L["reference"]  # retraining against itself
+    # the original model trained on the class; the retrained one never saw it: LiRA must tell them apart
+    assert L["original"]["member_rate"] > L["reference"]["member_rate"]
+
+
 def test_newton_refuses_large_models(digits):
     task, p = digits
     with pytest.raises(UnlearnError, match="max_params=100"):

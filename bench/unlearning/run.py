@@ -7,7 +7,8 @@ examples by the exact first-order self-influence) and a sequence of three 1 % re
 
 Task: ``digits`` preset with ``n_test=1297`` (every image not in the 500 training ones, so the membership test has
 ~130 non-members per class) and ``epochs=10`` (160 SGD steps). The ``sketch`` method uses a 64-direction,
-degree-3 sketch of that run (precomputed here, its time reported). Method settings are the defaults, except
+degree-3 sketch of that run (precomputed here, its time reported). The digits scenarios also report online LiRA
+(16 shadow models on random halves) on the forget set. Method settings are the defaults, except
 that ``synthetic`` gets ``forget_labels`` (from the request) and runs with ``available_data="none"``.
 
 Also: a user-style model through ``Task.from_module`` (an MLP and ``torch.optim.SGD`` on 600 other digits images,
@@ -37,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "bench" / "results" / "unlearning.json"
 FIG = ROOT / "docs" / "figures" / "unlearning-digits.png"
 DIRECTIONS, DEGREE = 64, 3
+LIRA = 16  # shadow models on random halves for the LiRA level of the forget set (digits scenarios)
 
 
 def labels_of(task, idx):
@@ -101,7 +103,10 @@ def compact(v):
             "param_distance_relative": v["param_distance_relative"], "relearn_steps": v["relearn_steps"],
             "relearn_steps_ref": v["relearn_steps_reference"], "seconds": v["cost"]["seconds"],
             "relative_seconds": v["cost"]["relative_seconds"], "retrain_equivalents": v["cost"]["retrain_equivalents"],
-            "data_touched": v["data_touched"]}
+            "data_touched": v["data_touched"],
+            **({"lira_member_rate": v["lira"]["unlearned"]["member_rate"],
+                "lira_member_rate_ref": v["lira"]["reference"]["member_rate"],
+                "lira_member_rate_original": v["lira"]["original"]["member_rate"]} if v.get("lira") else {})}
 
 
 def other_task(task, p, scenarios, methods, test=None, skip=None):
@@ -257,7 +262,7 @@ def main():
                        "memorization_first_order": round(mem_seconds, 2)},
            "sketch": {"directions": DIRECTIONS, "degree": DEGREE}, "scenarios": {}}
     for name, D in scenarios.items():
-        ref = reference(task, D, original=p)
+        ref = reference(task, D, original=p, lira=LIRA)
         rows = {}
         for m in METHODS:
             try:

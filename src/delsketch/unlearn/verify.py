@@ -168,17 +168,33 @@ class Reference:
     original: dict
     original_metrics: dict
     predicted: dict = field(default_factory=dict)  # sketch: mean losses predicted directly, with stderr
+    lira: Optional[dict] = None  # shadow statistics (lira > 0) and the reference's and original's LiRA levels
+
+
+def _lira_level(task: Task, stats: dict, params: dict, forgotten: Sequence[int]) -> dict:
+    """Online LiRA (:func:`delsketch.audit.mia.lira_scores`) of ``params`` as the target model, on the forgotten
+    examples: median score and the fraction called members (score > 0)."""
+    from ..audit.mia import lira_scores
+    from ..audit.outputs import view
+
+    with torch.no_grad():
+        phi = view(task).confidence(params, torch.arange(task.n)).detach()
+    sc = torch.as_tensor(lira_scores(phi, stats["phi"], stats["masks"])["online"])[torch.tensor(list(forgotten))]
+    return {"median_score": float(sc.median()), "member_rate": float((sc > 0).double().mean())}
 
 
 def reference(task: Task, forgotten: Sequence[int], kind: str = "retrain", sketch=None, original: Optional[dict] = None,
               test=None, relearn_lr: Optional[float] = None, relearn_max: int = 200, degree: Optional[int] = None,
-              param_degree: int = 1) -> Reference:
+              param_degree: int = 1, lira: int = 0) -> Reference:
     """The reference model for deleting ``forgotten`` (computed once; pass it to :func:`verify` for every method).
 
     ``kind="sketch"``: the mean losses (forget, retain, test) are the sketch's own output estimates at ``degree``
     (default: the sketch's) with standard errors; the reference *parameters* (for accuracies, MIA, KS, distance,
     relearning) are the sketch's parameter prediction at ``param_degree`` (default 1, see
-    :mod:`delsketch.unlearn.methods.sketch` for why)."""
+    :mod:`delsketch.unlearn.methods.sketch` for why).
+
+    ``lira``: the number of shadow models on random halves (:func:`delsketch.audit.mia.shadow_statistics`, seed 0)
+    for the LiRA level of the forgotten examples (0: loss threshold only)."""
     from .methods.sketch import predicted_params
 
     forgotten = sorted({int(i) for i in forgotten})
@@ -214,8 +230,15 @@ def reference(task: Task, forgotten: Sequence[int], kind: str = "retrain", sketc
     orig_metrics = ev.metrics(original)
     lr = float(relearn_lr if relearn_lr is not None else getattr(task.optimizer, "lr", 0.01))
     steps = ev.relearn_steps(params, orig_metrics["forget_loss"], lr, relearn_max)
+    lira_info = None
+    if lira:
+        from ..audit.mia import shadow_statistics
+
+        stats = shadow_statistics(task, models=int(lira), seed=0)
+        lira_info = {"stats": stats, "models": int(lira), "reference": _lira_level(task, stats, params, forgotten),
+                     "original": _lira_level(task, stats, original, forgotten)}
     return Reference(kind, forgotten, params, seconds, ev.metrics(params), ev.losses(params, forgotten), steps,
-                     original, orig_metrics, predicted)
+                     original, orig_metrics, predicted, lira_info)
 
 
 def _distance(a: dict, b: dict) -> float:
@@ -224,17 +247,19 @@ def _distance(a: dict, b: dict) -> float:
 
 def verify(task: Task, unlearned: Unlearned, forget: Optional[Sequence[int]] = None, reference: Optional[object] = None,
            *, sketch=None, original: Optional[dict] = None, test=None, relearn_lr: Optional[float] = None,
-           relearn_max: int = 200, tolerance: float = TOLERANCE) -> dict:
+           relearn_max: int = 200, tolerance: float = TOLERANCE, lira: int = 0) -> dict:
     """Compare ``unlearned`` with the model retrained without everything it forgot (``forget``: default
     ``unlearned.forgotten``). ``reference``: None (retrain now), ``"sketch"`` (the model ``sketch`` predicts), or a
-    :class:`Reference` (shared between methods). ``test``: held-out ``(X, y)`` (default: the preset's test split)."""
+    :class:`Reference` (shared between methods). ``test``: held-out ``(X, y)`` (default: the preset's test split).
+    ``lira``: shadow models for a LiRA level of the forgotten examples (see :func:`reference`; a given Reference
+    brings its own)."""
     forgotten = sorted({int(i) for i in (forget if forget is not None else unlearned.forgotten)})
     if unlearned.fingerprint != task.fingerprint():
         raise UnlearnError(f"the unlearned model was made from another task (fingerprint {unlearned.fingerprint[:12]} "
                            f"!= {task.fingerprint()[:12]})")
     if isinstance(reference, str) or reference is None:
         ref = globals()["reference"](task, forgotten, kind=reference or "retrain", sketch=sketch, original=original,
-                                     test=test, relearn_lr=relearn_lr, relearn_max=relearn_max)
+                                     test=test, relearn_lr=relearn_lr, relearn_max=relearn_max, lira=lira)
     else:
         ref = reference
         if ref.forgotten != forgotten:
@@ -262,6 +287,12 @@ def verify(task: Task, unlearned: Unlearned, forget: Optional[Sequence[int]] = N
                  "retrain_equivalents": unlearned.cost.get("retrain_equivalents")},
         "data_touched": unlearned.info.get("data_touched"),
     }
+    if ref.lira is not None:
+        res["lira"] = {"shadow_models": ref.lira["models"], "unlearned": _lira_level(task, ref.lira["stats"],
+                                                                                     unlearned.params, forgotten),
+                       "reference": ref.lira["reference"], "original": ref.lira["original"],
+                       "definition": "online LiRA score of each forgotten example with the model as target; "
+                                     "member_rate: fraction with score > 0"}
     if ref.kind == "sketch":
         res["reference_note"] = ("reference = the model a deletion sketch predicts (not a real retraining); "
                                  "predicted mean losses with standard errors in reference_predicted")
@@ -325,6 +356,10 @@ def table_rows(r: dict) -> list[list[str]]:
         ms = [r["unlearned"]["mia"], r["reference_metrics"]["mia"], r["original"]["mia"]]
         if all(x is not None for x in ms):
             rows.append([label] + [f"{x[key]:.3f}" if key == "auc" else _pts(x[key]) for x in ms])
+    if r.get("lira"):
+        L = r["lira"]
+        rows.append([f"LiRA member rate % ({L['shadow_models']} shadows)"] +
+                    [_pts(L[k]["member_rate"]) for k in ("unlearned", "reference", "original")])
     rows.append(["KS p (forget losses)", f"{r['ks']['pvalue']:.3g}", "1", "-"])
     rows.append(["param distance to ref", f"{r['param_distance']:.4g}", "0", f"{r['param_distance_original']:.4g}"])
     rows.append(["relearn steps", str(r["relearn_steps"]), str(r["relearn_steps_reference"]), "0"])
