@@ -290,9 +290,10 @@ def test_cli_unlearn_and_verify(tmp_path, capsys):
     assert main(args + ["--out", str(out), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["method"] == "neggrad_plus" and res["forgotten"] == 7
-    assert main(["unlearn", "verify", str(out), "--json"]) == 0
+    assert main(["unlearn", "verify", str(out), "--lira", "4", "--json"]) == 0
     v = json.loads(capsys.readouterr().out)
     assert v["method"] == "neggrad_plus" and v["reference"] == "retrain" and "verdict" in v
+    assert v["lira"]["shadow_models"] == 4
     for bad, msg in ((["--forget", "0:500", "--method", "scrub", "--out", str(tmp_path / "x")], "out of range"),
                      (["--forget", "class:3", "--method", "finetune", "--out", str(out)], "refusing to overwrite"),
                      (["--forget", "class:3", "--method", "scrub", "--available-data", "none", "--out",

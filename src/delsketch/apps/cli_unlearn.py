@@ -148,8 +148,10 @@ def unlearn_group(ctx, preset, task_ref, data, steps, sets, forget, method, opti
 @click.argument("out_dir")
 @click.option("--reference", type=click.Choice(["retrain", "sketch"]), default="retrain", show_default=True)
 @click.option("--sketch", "sketch_dir", default=None, help="sketch directory (--reference sketch)")
+@click.option("--lira", type=int, default=0, show_default=True,
+              help="shadow models on random halves for a LiRA level of the forget set (0: loss threshold only)")
 @click.option("--json", "json_out", is_flag=True, help="print JSON instead of a table")
-def verify_command(out_dir, reference, sketch_dir, json_out):
+def verify_command(out_dir, reference, sketch_dir, lira, json_out):
     from ..tasks import build_from_spec
     from ..unlearn import load, verify
     from ..unlearn.core import read_manifest
@@ -166,7 +168,9 @@ def verify_command(out_dir, reference, sketch_dir, json_out):
     sk = _sketch(sketch_dir, task)
     if reference == "sketch" and sk is None:
         raise ValueError("--reference sketch needs --sketch DIR")
-    v = verify(task, u, reference=reference, sketch=sk)
+    if lira < 0 or lira == 1:
+        raise ValueError("--lira must be 0 or at least 2 shadow models")
+    v = verify(task, u, reference=reference, sketch=sk, lira=lira)
     if json_out:
         _emit(v)
         return
