@@ -101,7 +101,8 @@ def unlearn_group(ctx, preset, task_ref, data, steps, sets, forget, method, opti
         given = [f for f, v in (("--preset", preset), ("--task", task_ref), ("--forget", forget), ("--method", method),
                                 ("--out", out_dir)) if v is not None]
         if given:
-            raise click.UsageError(f"{', '.join(given)} belong to 'delsketch unlearn', not to its subcommand")
+            raise click.UsageError(f"{', '.join(given)} {'belongs' if len(given) == 1 else 'belong'} to "
+                                   "'delsketch unlearn', not to its subcommand")
         return
     from ..tasks import build_from_spec
     from ..training import train
