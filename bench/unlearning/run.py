@@ -28,7 +28,7 @@ import torch
 
 from delsketch.audit import memorization
 from delsketch.io import write_json
-from delsketch.sketch import Sketch, precompute
+from delsketch.sketch import precompute
 from delsketch.tasks import get_preset
 from delsketch.training import retrain, train
 from delsketch.unlearn import METHODS, UnlearnError, reference, unlearn, unlearn_sequence, verify

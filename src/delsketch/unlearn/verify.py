@@ -24,7 +24,6 @@ bootstrap interval (``advantage_ci95``) shows how much of a gap is sampling nois
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from torch import Tensor
 
 from ..training import Task, retrain, train
 from .access import UnlearnError, forward, outputs_of, test_data
-from .core import Unlearned, run_cost
+from .core import Unlearned
 
 __all__ = ["Reference", "reference", "verify", "format_table", "advantage", "TOLERANCE"]
 

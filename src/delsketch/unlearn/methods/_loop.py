@@ -10,9 +10,9 @@ from torch import Tensor
 
 from ...series import all_finite
 from ...training.optim import SGD
-from ..access import UnlearnError, check_params  # noqa: F401
+from ..access import UnlearnError
 
-__all__ = ["descend", "kl", "default_lr", "check_params"]
+__all__ = ["descend", "kl", "default_lr"]
 
 
 def default_lr(task, lr: Optional[float]) -> float:
