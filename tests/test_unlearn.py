@@ -321,3 +321,17 @@ def test_cli_sketch_method_and_sketch_reference(tmp_path, capsys):
     assert main(["unlearn", "--preset", "digits", *sets, "--forget", "3", "--method", "sketch", "--out",
                  str(tmp_path / "v")]) == 2
     assert "needs --sketch" in capsys.readouterr().err
+
+
+def test_references_farmed_out_to_workers_equal_serial_retraining():
+    from delsketch.tasks import factory
+    from delsketch.unlearn import references
+
+    spec = {"preset": "digits", "data": None, "steps": None, "n_train": 100, "n_test": 50, "batch": 20, "epochs": 2}
+    task = factory(spec)()
+    sets = [[1, 2, 3], task.select("class:5"), [40, 41]]
+    refs = references(task, sets, task_factory=factory(spec), workers=2)
+    for D, ref in zip(sets, refs):
+        assert _same(ref.params, retrain(task, D)) and ref.forgotten == sorted(D)
+    with pytest.raises(UnlearnError, match="fingerprints differ"):
+        references(task, sets, task_factory=factory({**spec, "seed": 1}), workers=2)

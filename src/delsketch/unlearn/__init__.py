@@ -8,10 +8,11 @@ applies requests one after another."""
 
 from .access import AVAILABLE, UnlearnError
 from .core import FORMAT, METHODS, Method, Unlearned, _methods, load, save, unlearn
+from .parallel import references, retrain_many
 from .sequence import unlearn_sequence
 from .verify import Reference, format_table, reference, verify
 
 _methods()
 
-__all__ = ["unlearn", "save", "load", "verify", "reference", "Reference", "unlearn_sequence", "format_table",
+__all__ = ["unlearn", "save", "load", "verify", "reference", "references", "retrain_many", "Reference", "unlearn_sequence", "format_table",
            "Unlearned", "Method", "METHODS", "AVAILABLE", "UnlearnError", "FORMAT"]

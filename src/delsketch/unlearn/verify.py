@@ -184,7 +184,7 @@ def _lira_level(task: Task, stats: dict, params: dict, forgotten: Sequence[int])
 
 def reference(task: Task, forgotten: Sequence[int], kind: str = "retrain", sketch=None, original: Optional[dict] = None,
               test=None, relearn_lr: Optional[float] = None, relearn_max: int = 200, degree: Optional[int] = None,
-              param_degree: int = 1, lira: int = 0) -> Reference:
+              param_degree: int = 1, lira: int = 0, retrained: Optional[tuple] = None) -> Reference:
     """The reference model for deleting ``forgotten`` (computed once; pass it to :func:`verify` for every method).
 
     ``kind="sketch"``: the mean losses (forget, retain, test) are the sketch's own output estimates at ``degree``
@@ -193,7 +193,8 @@ def reference(task: Task, forgotten: Sequence[int], kind: str = "retrain", sketc
     :mod:`delsketch.unlearn.methods.sketch` for why).
 
     ``lira``: the number of shadow models on random halves (:func:`delsketch.audit.mia.shadow_statistics`, seed 0)
-    for the LiRA level of the forgotten examples (0: loss threshold only)."""
+    for the LiRA level of the forgotten examples (0: loss threshold only). ``retrained``: ``(params, seconds)`` of a
+    retraining already done (e.g. by :func:`delsketch.unlearn.parallel.references`)."""
     from .methods.sketch import predicted_params
 
     forgotten = sorted({int(i) for i in forgotten})
@@ -202,7 +203,9 @@ def reference(task: Task, forgotten: Sequence[int], kind: str = "retrain", sketc
         original = train(task)
     t0 = time.perf_counter()
     predicted = {}
-    if kind == "retrain":
+    if kind == "retrain" and retrained is not None:
+        params = retrained[0]
+    elif kind == "retrain":
         params = retrain(task, forgotten)
     elif kind == "sketch":
         if sketch is None:
@@ -225,7 +228,7 @@ def reference(task: Task, forgotten: Sequence[int], kind: str = "retrain", sketc
         predicted["forget_loss"].update(per_example=per.estimate.tolist(), per_example_stderr=per.stderr.tolist())
     else:
         raise UnlearnError(f"unknown reference {kind!r} (choose from: retrain, sketch)")
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0 if retrained is None else float(retrained[1])
     orig_metrics = ev.metrics(original)
     lr = float(relearn_lr if relearn_lr is not None else getattr(task.optimizer, "lr", 0.01))
     steps = ev.relearn_steps(params, orig_metrics["forget_loss"], lr, relearn_max)
