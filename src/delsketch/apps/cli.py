@@ -659,6 +659,7 @@ from .cli_audit import audit as _audit; app.add_command(_audit)  # noqa: E402,E7
 
 
 from .cli_privacy import train_command; app.add_command(train_command)  # noqa: E402,E702  (delsketch train)
+from .cli_unlearn import unlearn_group; app.add_command(unlearn_group)  # noqa: E402,E702  (delsketch unlearn)
 
 
 # ----------------------------------------------------------------------------------------------
