@@ -62,7 +62,7 @@ def torch_loop_error(variant: str) -> float:
 def deletion_sets(task, X, Xt, seed: int = 0) -> dict[str, list[list[int]]]:
     n = task.n
     rng = np.random.default_rng(seed)
-    fams = {"loo": [[int(i)] for i in rng.choice(n, 30, replace=False)]}
+    fams = {"loo": [[int(i)] for i in rng.choice(n, 34, replace=False)]}
     for pct in (1, 5, 10, 50):
         k = max(1, round(n * pct / 100))
         fams[f"random_{pct}%"] = [sorted(rng.choice(n, k, replace=False).tolist()) for _ in range(24)]
