@@ -61,21 +61,29 @@ def task_spec(preset: Optional[str], data: Optional[str], steps: Optional[int], 
     if data is not None and not Path(data).exists():
         raise CliError(f"data file not found: {data}")
     spec = {"preset": preset, "data": str(Path(data).resolve()) if data else None, "steps": steps}
-    for kv in sets:
-        k, sep, v = kv.partition("=")
-        if not sep or not k:
-            raise CliError(f"bad --set {kv!r} (expected KEY=VALUE, e.g. n_train=100)")
-        spec[k] = _set_value(v)
+    spec.update(key_values(sets, "--set", "n_train=100"))
     return spec
 
 
-def _set_value(s: str):
+def scalar_value(s: str):
+    """A command-line value: int, float, none/true/false, or the text itself."""
     for cast in (int, float):
         try:
             return cast(s)
         except ValueError:
             pass
     return {"none": None, "true": True, "false": False}.get(s.lower(), s)
+
+
+def key_values(items, flag: str, example: str = "KEY=VALUE", value=scalar_value) -> dict:
+    """Repeated ``FLAG KEY=VALUE`` options as a dict (one-line error for a malformed item)."""
+    out = {}
+    for kv in items:
+        k, sep, v = kv.partition("=")
+        if not sep or not k:
+            raise CliError(f"bad {flag} {kv!r} (expected KEY=VALUE, e.g. {example})")
+        out[k] = value(v)
+    return out
 
 
 def parse_spec(spec: str, task) -> list[int]:

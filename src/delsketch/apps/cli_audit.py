@@ -21,27 +21,11 @@ def audit():
     pass
 
 
-def _value(s: str):
-    for cast in (int, float):
-        try:
-            return cast(s)
-        except ValueError:
-            pass
-    return {"none": None, "true": True, "false": False}.get(s.lower(), s)
-
-
 def _task(preset: str, data: Optional[str], steps: Optional[int], sets: tuple):
-    from ..tasks import build_from_spec
+    """The preset's task with ``--set`` overrides (the core command line's :func:`~delsketch.apps.cli.build_task`)."""
+    from .cli import build_task
 
-    if data is not None and not Path(data).exists():
-        raise ValueError(f"data file not found: {data}")
-    spec = {"preset": preset, "data": str(Path(data).resolve()) if data else None, "steps": steps}
-    for kv in sets:
-        k, sep, v = kv.partition("=")
-        if not sep or not k:
-            raise ValueError(f"bad --set {kv!r} (expected KEY=VALUE, e.g. n_train=100)")
-        spec[k] = _value(v)
-    return build_from_spec(spec)
+    return build_task(preset, data, steps, None, sets)[0]
 
 
 def _indices(spec: Optional[str], n: int) -> Optional[list[int]]:

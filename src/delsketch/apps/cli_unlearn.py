@@ -17,7 +17,7 @@ __all__ = ["unlearn_group"]
 
 
 def _value(s: str):
-    from .cli_audit import _value as scalar
+    from .cli import scalar_value as scalar
 
     if s.startswith("["):
         try:
@@ -28,13 +28,9 @@ def _value(s: str):
 
 
 def _pairs(items: tuple, flag: str) -> dict:
-    out = {}
-    for kv in items:
-        k, sep, v = kv.partition("=")
-        if not sep or not k:
-            raise ValueError(f"bad {flag} {kv!r} (expected KEY=VALUE)")
-        out[k] = _value(v)
-    return out
+    from .cli import key_values
+
+    return key_values(items, flag, value=_value)
 
 
 def _spec(preset: Optional[str], data: Optional[str], steps: Optional[int], sets: tuple, task_ref: Optional[str]) -> dict:

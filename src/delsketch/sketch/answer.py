@@ -99,34 +99,46 @@ def _effects_cached(sketch, out: Output, kind: str, compute) -> torch.Tensor:
     if key in mem and (out.cache_key is not None or mem[key][0] is out.fn):
         return mem[key][1]
     fp = sketch.task.fingerprint()
-    path = index = None
+    path = None
     if out.cache_key is not None:
         digest = hashlib.sha256(f"{kind}\0{out.cache_key}\0{fp}".encode()).hexdigest()[:24]
         path = sketch.path / "effects" / f"{kind}-{digest}.safetensors"
-        index = path.with_suffix(".json")
-        if path.exists() and index.exists():
-            try:
-                rec = json.loads(index.read_text())
-                if rec.get("sha256") == sha256_file(path) and rec.get("fingerprint") == fp:
-                    E = load_file(path)["effects"]
-                    if E.shape[0] == sketch.n:
-                        mem[key] = (out.fn, E, rec.get("seconds"))
-                        return E
-            except (OSError, ValueError):
-                pass
+        got = _adopt(path, fp, lambda t: set(t) == {"effects"} and t["effects"].shape[0] == sketch.n)
+        if got is not None:
+            mem[key] = (out.fn, got["effects"], None)
+            return got["effects"]
     t0 = time.perf_counter()
     E = compute()
-    seconds = round(time.perf_counter() - t0, 3)
-    mem[key] = (out.fn, E, seconds)
+    mem[key] = (out.fn, E, time.perf_counter() - t0)
     if path is not None:
-        try:
-            path.parent.mkdir(exist_ok=True)
-            atomic_save_tensors(path, {"effects": E.contiguous()}, {"fingerprint": fp, "kind": kind})
-            write_json(index, {"sha256": sha256_file(path), "fingerprint": fp, "kind": kind, "output": out.cache_key,
-                               "seconds": seconds})
-        except OSError:
-            pass
+        _keep(path, {"effects": E.contiguous()}, fp, kind, {"output": out.cache_key})
     return E
+
+
+def _adopt(path, fp: str, fits) -> Optional[dict]:
+    """Tensors of a cache file beside the sketch, adopted only when the file hashes to the sha256 recorded in its
+    ``.json`` index, carries this task's fingerprint and ``fits(tensors)``; else None (it is recomputed)."""
+    index = path.with_suffix(".json")
+    if not (path.exists() and index.exists()):
+        return None
+    try:
+        rec = json.loads(index.read_text())
+        if rec.get("sha256") != sha256_file(path) or rec.get("fingerprint") != fp:
+            return None
+        got = load_file(path)
+        return got if fits(got) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _keep(path, tensors: dict, fp: str, kind: str, extra: dict) -> None:
+    """Write a cache file and its index atomically (a read-only sketch directory keeps nothing)."""
+    try:
+        path.parent.mkdir(exist_ok=True)
+        atomic_save_tensors(path, tensors, {"fingerprint": fp, "kind": kind})
+        write_json(path.with_suffix(".json"), {"sha256": sha256_file(path), "fingerprint": fp, "kind": kind, **extra})
+    except OSError:
+        pass
 
 
 def first_order_effects(sketch, out: Output) -> torch.Tensor:
@@ -158,28 +170,13 @@ def loo_params(sketch) -> Optional[dict]:
         return None
     fp = sketch.task.fingerprint()
     path = sketch.path / "effects" / f"loo-params-{fp[:24]}.safetensors"
-    index = path.with_suffix(".json")
-    if path.exists() and index.exists():
-        try:
-            rec = json.loads(index.read_text())
-            if rec.get("sha256") == sha256_file(path) and rec.get("fingerprint") == fp:
-                got = load_file(path)
-                if set(got) == set(base) and all(got[k].shape == (sketch.n, *base[k].shape) for k in base):
-                    sketch._loo_params = got
-                    return got
-        except (OSError, ValueError):
-            pass
-    t0 = time.perf_counter()
-    runs = [retrain(sketch.task, [i]) for i in range(sketch.n)]
-    got = {k: torch.stack([r[k].detach() for r in runs]).contiguous() for k in base}
-    seconds = round(time.perf_counter() - t0, 3)
+    got = _adopt(path, fp, lambda t: set(t) == set(base) and all(t[k].shape == (sketch.n, *base[k].shape) for k in base))
+    if got is None:
+        t0 = time.perf_counter()
+        runs = [retrain(sketch.task, [i]) for i in range(sketch.n)]
+        got = {k: torch.stack([r[k].detach() for r in runs]).contiguous() for k in base}
+        _keep(path, got, fp, "loo-params", {"seconds": round(time.perf_counter() - t0, 3)})
     sketch._loo_params = got
-    try:
-        path.parent.mkdir(exist_ok=True)
-        atomic_save_tensors(path, got, {"fingerprint": fp, "kind": "loo-params"})
-        write_json(index, {"sha256": sha256_file(path), "fingerprint": fp, "kind": "loo-params", "seconds": seconds})
-    except OSError:
-        pass
     return got
 
 
