@@ -37,7 +37,7 @@ def main():
             for k in range(1, 6):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    pr = sk.predict(own_losses(task, D), D, degree=k)
+                    pr = sk.predict(own_losses(task, D), D, degree=k, method="sketch")
                 cov = float(((pr.estimate - real).abs() <= 2 * pr.stderr).double().mean())
                 rows.append({"epochs": epochs, "steps": task.steps, "request": name, "size": len(D), "degree": k,
                              "coverage_2se": cov, "mean_predicted": float(pr.estimate.mean()),
