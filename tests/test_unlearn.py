@@ -168,6 +168,14 @@ def test_sketch_method_agrees_with_retraining_within_its_error_bars(tmp_path):
         assert v["reference"] == "sketch" and "sketch" in v["verdict"] and "reference_predicted" in v
         assert u.cost["example_evaluations"] == 0
     assert sum(hits) / len(hits) >= 0.9, hits  # the forget set's predicted losses, pooled over both requests
+    # data-free at deletion time: the same answer with the task's data (also the sketch's own task) sealed
+    sealed = dataclasses.replace(task, example_losses=_no_losses, examples=_NoData(), query=_no_losses)
+    real_task, sk.task = sk.task, sealed
+    try:
+        again = unlearn(sealed, D, "sketch", params=p, sketch=sk, available_data="none", fingerprint=task.fingerprint())
+    finally:
+        sk.task = real_task
+    assert _same(again.params, u.params)
     save(u, tmp_path / "out")
     back = load(tmp_path / "out", task)
     assert _same(back.stderr, u.stderr)

@@ -216,13 +216,15 @@ def reference(task: Task, forgotten: Sequence[int], kind: str = "retrain", sketc
         fidx, ridx = torch.tensor(forgotten), torch.tensor(ev.retain)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the stability warning is reported by the sketch method itself
-            per = sketch.predict(own_losses(task, forgotten), forgotten, degree=degree, method="sketch")
-            means = {"forget_loss": sketch.predict(lambda p: task.example_losses(p, fidx).mean(), forgotten, degree=degree, method="sketch"),
-                     "retain_loss": sketch.predict(lambda p: task.example_losses(p, ridx).mean(), forgotten, degree=degree, method="sketch")}
+            def pred(output):  # the sketch estimator alone (method "auto" could answer by retraining)
+                return sketch.predict(output, forgotten, degree=degree, method="sketch")
+
+            per = pred(own_losses(task, forgotten))
+            means = {"forget_loss": pred(lambda p: task.example_losses(p, fidx).mean()),
+                     "retain_loss": pred(lambda p: task.example_losses(p, ridx).mean())}
             if ev.test is not None:
                 X, y = ev.test
-                means["test_loss"] = sketch.predict(lambda p: torch.nn.functional.cross_entropy(
-                    forward(task, p, X), y), forgotten, degree=degree, method="sketch")
+                means["test_loss"] = pred(lambda p: torch.nn.functional.cross_entropy(forward(task, p, X), y))
         for name, pr in means.items():
             predicted[name] = {"mean": float(pr.estimate), "stderr": float(pr.stderr)}
         predicted["forget_loss"].update(per_example=per.estimate.tolist(), per_example_stderr=per.stderr.tolist())

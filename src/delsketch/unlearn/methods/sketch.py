@@ -64,7 +64,7 @@ def run(task, params, access, sketch=None, degree=1):
         raise UnlearnError(f"sketch: degree must lie in [0, {sketch.degree}] (the sketch's degree)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        pred = sketch.predict(parameters(), access.forgotten, degree=degree, method="sketch")
+        pred = sketch.predict(parameters(), access.forgotten, degree=degree, method="sketch")  # never "auto": it may retrain
     info = {"stderr": dict(pred.stderr), "directions": sketch.m,
             "degree": sketch.degree if degree is None else int(degree), "sketch": str(sketch.path)}
     if caught:
