@@ -22,6 +22,9 @@ def test_demo_small(tmp_path):
     assert (tmp_path / "demo.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "demo.json").read_text())
     assert saved["deleted"] == len(D) and [r["query"] for r in saved["rows"]] == DEMO_QUERIES
+    # the default answer is stated with its method; a cheap demo model is answered by retraining, exactly
+    assert saved["default_answer"]["method"] == "retrain" and "auto chose retrain" in saved["default_answer"]["why"]
+    assert saved["default_answer"]["change"] == [r["actual_change"] for r in saved["rows"]]
     text = con.export_text()
     assert "predicted" not in text or "retrained" in text
     # the 'actual' column is real retraining

@@ -66,6 +66,10 @@ def run_demo(out_dir, directions=64, degree=3, json_out=False, console=None, err
             "actual": a, "actual_change": a - b,
             "within_2se": abs(change - (a - b)) <= 2 * se,
         })
+    t0 = time.perf_counter()
+    best = sk.predict(DEMO_QUERIES, D)  # the default answer (method="auto") to the same question
+    timings["default_answer_s"] = time.perf_counter() - t0
+    default = {"method": best.method, "change": best.change.tolist(), "stderr": best.stderr.tolist(), "why": best.notes[0]}
     stab = sk.stability(DEMO_QUERIES[0])
     plot_path = out_dir / "demo.png"
     plot_predicted_vs_actual(rows, plot_path, f"names preset: delete the {len(D)} training names with '{DEMO_DELETE.split(':')[1]}' "
@@ -73,6 +77,7 @@ def run_demo(out_dir, directions=64, degree=3, json_out=False, console=None, err
     plot_stability({DEMO_QUERIES[0]: stab}, out_dir / "stability.png")
     result = {"deleted": len(D), "n": task.n, "directions": directions, "degree": degree, "rows": rows,
               "stability": {k: stab[k] for k in ("verdict", "decay_per_degree", "safe_deletion_size")},
+              "default_answer": default,
               "timings": {k: round(v, 2) for k, v in timings.items()}, "plot": str(plot_path)}
     (out_dir / "demo.json").write_text(json.dumps(result, indent=1) + "\n")
     if json_out:
@@ -91,6 +96,7 @@ def run_demo(out_dir, directions=64, degree=3, json_out=False, console=None, err
                   "extra ring run for this deletion set alone (no sketch noise, only truncation error); retrained: "
                   "real retraining without the deleted names.")
     console.print(f"stability of '{DEMO_QUERIES[0]}': {stab['verdict']}")
+    console.print(f"the default answer (sketch.predict, method='auto') to this question: {best.method}; {best.notes[0]}")
     console.print(f"sketch {timings['sketch_s']:.1f} s, predict {timings['predict_s']:.2f} s, exact series "
                   f"{timings['exact_series_s']:.1f} s, retrain {timings['retrain_s']:.1f} s; plot {plot_path}, "
                   f"numbers {out_dir / 'demo.json'}")

@@ -277,8 +277,9 @@ def answer(sketch, output, delete, method: str = "auto", weight: float = 1.0, bu
         once = max(budget_s, rc.get("precompute_s") or 0.0)  # a one-time cost, reused by every later question
         if S * r <= budget_s:
             method = "retrain"
-            why.append(f"auto chose retrain: the {S} set{'s' if S > 1 else ''} retrain in about {S * r:.3g} s, within the "
-                       f"budget of {budget_s:g} s, and retraining is exact")
+            sets_do = "the set retrains" if S == 1 else f"the {S} sets retrain"
+            why.append(f"auto chose retrain: {sets_do} in about {S * r:.3g} s, within the budget of {budget_s:g} s, and "
+                       "retraining is exact")
         elif weight == 1.0 and (_loo_cached(sketch) or sketch.n * r <= once):
             method = "loo_sum"
             why.append(f"auto chose loo_sum: retraining the {S} sets would take about {S * r:.3g} s (budget {budget_s:g} s); "
