@@ -133,6 +133,18 @@ def test_auto_falls_back_to_first_order_when_even_loo_is_too_dear(setup, tmp_pat
     assert any("retraining the 3 sets would take about 300 s" in n for n in p.notes)
 
 
+def test_growing_terms_of_the_set_itself_are_flagged():
+    """A set whose own estimated terms grow at the last degree (significantly) is flagged; decaying, or growing
+    within the noise, is not."""
+    from delsketch.sketch.predict import growing_terms
+
+    t = torch.tensor([[[1.0], [0.5], [2.0], [8.0]], [[1.0], [0.5], [0.1], [0.01]], [[1.0], [0.5], [2.0], [8.0]]],
+                     dtype=torch.float64)
+    se = torch.tensor([[[0.0], [0.01], [0.1], [0.5]], [[0.0], [0.01], [0.01], [0.001]], [[0.0], [0.01], [3.0], [9.0]]],
+                      dtype=torch.float64)
+    assert growing_terms(t, se)[:, 0].tolist() == [True, False, False]
+
+
 def test_choose_degrees_on_known_terms():
     """Terms 1, 0.5, 0.01, 0.0001 with tiny noise: go to degree 3; a degree-2 term lost in noise: stop at 1."""
     t = torch.tensor([[[0.0], [1.0], [0.5], [0.01]], [[0.0], [1.0], [0.001], [0.0005]]], dtype=torch.float64)

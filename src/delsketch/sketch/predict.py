@@ -145,6 +145,18 @@ def deletion_matrix(sets: list[list[int]], n: int, weight: float) -> torch.Tenso
     return D
 
 
+def growing_terms(terms: torch.Tensor, se: Optional[torch.Tensor]) -> torch.Tensor:
+    """Per (set, element): do the estimated Taylor terms of this very deletion grow at the last degree? ``terms``
+    ``[S, K, P]``; flagged where the last term exceeds 2 standard errors and is at least as large as the one
+    before. This checks the set itself, so it catches coherent sets (a class, near neighbours) that the typical
+    safe size, a statement about random sets, calls safe."""
+    S, K, P = terms.shape
+    if K < 3 or se is None:
+        return torch.zeros(S, P, dtype=torch.bool)
+    last, prev = terms[:, -1].abs(), terms[:, -2].abs()
+    return (last > 2 * se[:, -1]) & (last >= prev)
+
+
 def summarize_safety(safe: torch.Tensor, sizes: torch.Tensor, weight: float, output: str) -> Optional[str]:
     """One line for a whole call: how many (set, element) pairs go past the size the diagnostics support."""
     eff = sizes.to(torch.float64) * weight * weight  # [S]
@@ -208,6 +220,13 @@ def predict(
     safe = torch.as_tensor(stab["safe_deletion_size"], dtype=torch.float64).reshape(P)
     sizes = torch.tensor([len(d) for d in sets])
     warn = summarize_safety(safe, sizes, weight, out.name)
+    growing = growing_terms(terms.mean(1), terms.std(1, unbiased=True) / sq if m > 1 else None)  # [S, P]
+    if bool(growing.any()):
+        S, P = growing.shape
+        line = (f"{out.name}: for {int(growing.sum())} of {S * P} set-element pairs the sketch's own estimates of this "
+                f"deletion's Taylor terms do not decay (the degree-{k} term, beyond 2 s.e., is at least the degree-"
+                f"{k - 1} one): the truncated series is unreliable for them whatever the typical safe size says")
+        warn = line if warn is None else f"{warn}; {line}"
     if warn is not None:
         warnings.warn(warn, StabilityWarning, stacklevel=3)
     fields = {
@@ -227,6 +246,12 @@ def predict(
                      "for this deletion (sketch at degree 3 or more for a checked safe size)")
     if m == 1:
         notes.append("stderr is null: one direction gives no spread to estimate it from")
+    else:
+        noisy = fields["stderr"] > fields["change"].abs()
+        if bool(noisy.any()):
+            notes.append(f"for {int(noisy.sum())} of {noisy.numel()} set-element pairs the standard error exceeds the "
+                         "predicted change: the sketch does not determine its sign there (more directions, a lower "
+                         "degree, or method='auto' for an exact or first-order answer)")
     return Prediction(
         output=out.name, method="sketch", base=out.unflatten(base), safe_deletion_size=out.unflatten(safe),
         degree=k, directions=m, deletion_size=len(sets[0]) if single else [len(d) for d in sets], weight=weight,
