@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from typing import Optional
 
 import torch
@@ -37,7 +38,9 @@ from safetensors.torch import load_file
 from ..io import atomic_save_tensors, sha256_file, write_json
 from ..training import retrain, train
 from ..training.outputs import Output
-from .predict import Prediction, check_sets, deletion_matrix, predict as sketch_predict
+from .core import StabilityWarning
+from .exact import deletion_ring_run
+from .predict import Prediction, check_sets, deletion_matrix, estimate as sketch_estimate, predict as sketch_predict
 
 METHODS = ("auto", "sketch", "first_order+sketch", "first_order", "loo_sum", "exact", "retrain")
 DEFAULT_BUDGET_S = 30.0
@@ -58,10 +61,10 @@ def costs(sketch) -> dict:
             rec = json.loads(path.read_text())
         except ValueError:
             rec = {}
-    if rec.get("fingerprint") != sketch.task.fingerprint() or not isinstance(rec.get("retrain_s"), (int, float)):
+    if rec.get("fingerprint") != sketch.fingerprint or not isinstance(rec.get("retrain_s"), (int, float)):
         t0 = time.perf_counter()
         sketch._trained = train(sketch.task)
-        rec = {"fingerprint": sketch.task.fingerprint(), "retrain_s": round(time.perf_counter() - t0, 4)}
+        rec = {"fingerprint": sketch.fingerprint, "retrain_s": round(time.perf_counter() - t0, 4)}
         _write(path, rec)
     tpath = sketch.path / "timings.json"
     try:
@@ -92,27 +95,22 @@ def _write(path, obj) -> None:
 
 
 def _effects_cached(sketch, out: Output, kind: str, compute) -> torch.Tensor:
-    """``[n, P]`` effects of ``kind`` for ``out``: from memory, from ``effects/`` (adopted only when the file
-    hashes to its record and carries this task's fingerprint), or computed and stored."""
-    mem = sketch._effects
-    key = (kind, out.cache_key) if out.cache_key is not None else (kind, "fn", id(out.fn))
-    if key in mem and (out.cache_key is not None or mem[key][0] is out.fn):
-        return mem[key][1]
-    fp = sketch.task.fingerprint()
-    path = None
-    if out.cache_key is not None:
+    """``[n, P]`` effects of ``kind`` for ``out``: from memory (:meth:`Sketch.memo`), from ``effects/`` (adopted
+    only when the file hashes to its record and carries this task's fingerprint), or computed and stored."""
+    def from_disk_or_compute():
+        fp = sketch.fingerprint
+        if out.cache_key is None:  # a plain callable has no stable name to file it under
+            return compute()
         digest = hashlib.sha256(f"{kind}\0{out.cache_key}\0{fp}".encode()).hexdigest()[:24]
         path = sketch.path / "effects" / f"{kind}-{digest}.safetensors"
         got = _adopt(path, fp, lambda t: set(t) == {"effects"} and t["effects"].shape[0] == sketch.n)
         if got is not None:
-            mem[key] = (out.fn, got["effects"], None)
             return got["effects"]
-    t0 = time.perf_counter()
-    E = compute()
-    mem[key] = (out.fn, E, time.perf_counter() - t0)
-    if path is not None:
+        E = compute()
         _keep(path, {"effects": E.contiguous()}, fp, kind, {"output": out.cache_key})
-    return E
+        return E
+
+    return sketch.memo(kind, out, from_disk_or_compute)
 
 
 def _adopt(path, fp: str, fits) -> Optional[dict]:
@@ -168,7 +166,7 @@ def loo_params(sketch) -> Optional[dict]:
     size = sketch.n * sum(v.numel() * 8 for v in base.values())
     if size > LOO_PARAMS_BUDGET:
         return None
-    fp = sketch.task.fingerprint()
+    fp = sketch.fingerprint
     path = sketch.path / "effects" / f"loo-params-{fp[:24]}.safetensors"
     got = _adopt(path, fp, lambda t: set(t) == set(base) and all(t[k].shape == (sketch.n, *base[k].shape) for k in base))
     if got is None:
@@ -197,7 +195,7 @@ def loo_effects(sketch, out: Output) -> torch.Tensor:
 def _loo_cached(sketch) -> bool:
     if sketch._loo_params is not None:
         return True
-    return any((sketch.path / "effects").glob(f"loo-params-{sketch.task.fingerprint()[:24]}.safetensors"))
+    return any((sketch.path / "effects").glob(f"loo-params-{sketch.fingerprint[:24]}.safetensors"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,8 +299,6 @@ def answer(sketch, output, delete, method: str = "auto", weight: float = 1.0, bu
             vals = torch.stack([out.flat(retrain(sketch.task, d, weight=weight)) for d in sets])
         p = Prediction.exact(out, "retrain", base, vals, sets, single, weight, notes=why)
     elif method == "exact":
-        from .exact import deletion_ring_run
-
         K = sketch.degree if sketch_kw.get("degree") is None else sketch_kw["degree"]
         rows, last = [], []
         for d in sets:
@@ -328,31 +324,30 @@ def answer(sketch, output, delete, method: str = "auto", weight: float = 1.0, bu
                     "exact leave-one-out effects summed: each example's own nonlinearity kept, interactions left out")
             p = Prediction.exact(out, method, base, base + lin, sets, single, weight, degree=1, notes=why + [note])
         else:
-            full = sketch_predict(sketch, out, sets, weight=weight, **sketch_kw)  # [S, K, P] fields
-            terms = _flat3(full.terms, out)
-            tse = _flat3(full.term_stderr, out)
-            per_dir = sketch.per_direction_terms(out, D)[:, :, : full.degree + 1]  # [S, m, K, P]
-            hi = per_dir[:, :, 2:].cumsum(2)  # sums of terms 2..r
-            m = per_dir.shape[1]
+            K = sketch.degree if sketch_kw.get("degree") is None else sketch_kw["degree"]
+            est = sketch_estimate(sketch, out, sets, weight, K, sketch_kw.get("tolerance", 0.05))
+            if est.warning is not None:
+                warnings.warn(est.warning, StabilityWarning, stacklevel=3)
+            terms, m = est.terms, est.directions  # [S, K+1, P]
+            hi = est.per_direction[:, :, 2:].cumsum(2)  # each direction's sums of terms 2..r
             cum_se = torch.zeros_like(terms)
             if hi.shape[2] and m > 1:
                 cum_se[:, 2:] = hi.std(1, unbiased=True) / math.sqrt(m)
-            deg, rmse = choose_degrees(terms, tse, cum_se)
+            deg, rmse = choose_degrees(terms, est.term_stderr, cum_se)
             hsum = torch.zeros_like(lin)
-            for r in range(2, full.degree + 1):
+            for r in range(2, K + 1):
                 hsum = hsum + torch.where(deg >= r, terms[:, r], torch.zeros_like(lin))
             vals = base + lin + hsum
-            p = Prediction.exact(out, method, base, vals, sets, single, weight, degree=full.degree, notes=why,
-                                 stderr=rmse)
-            p.directions = full.directions
-            counts = {r: int((deg == r).sum()) for r in range(1, full.degree + 1)}
+            p = Prediction.exact(out, method, base, vals, sets, single, weight, degree=K, notes=why, stderr=rmse)
+            p.directions = m
+            counts = {r: int((deg == r).sum()) for r in range(1, K + 1)}
             p.notes = why + [
                 "degree 1 exact; sketch terms added up to the degree shown per element: "
                 + ", ".join(f"degree {r}: {c}" for r, c in counts.items() if c) + f" of {deg.numel()} set-element pairs",
                 "stderr is the estimated root-mean-square error: the sketch's sampling error of the added terms and "
                 "the estimated size of the first term left out (infinite where the sketch's terms grow)"]
             p.chosen_degree = out.unflatten(deg[0] if single else deg)
-            p.warning = full.warning
+            p.warning = est.warning
     seconds = time.perf_counter() - t0
     p.cost = {"seconds": round(seconds, 4), "retrain_s": rc.get("retrain_s"), "precompute_s": rc.get("precompute_s")}
     if method != "retrain":
@@ -361,9 +356,3 @@ def answer(sketch, output, delete, method: str = "auto", weight: float = 1.0, bu
             p.notes.append("retraining would have been cheaper than this answer and exact: use method='retrain'")
     return p
 
-
-def _flat3(v, out: Output) -> torch.Tensor:
-    """A per-degree field [S, K, *out] (or dict) back to [S, K, P]."""
-    if isinstance(v, dict):
-        return torch.cat([v[k].reshape(v[k].shape[0], v[k].shape[1], -1) for k in sorted(v)], -1)
-    return v.reshape(v.shape[0], v.shape[1], -1)

@@ -176,6 +176,55 @@ def summarize_safety(safe: torch.Tensor, sizes: torch.Tensor, weight: float, out
             f"{float(safe[ok].min()):.3g}; largest set {biggest}, weight {weight}); the truncated series may be inaccurate")
 
 
+@dataclass
+class Estimate:
+    """The sketch's flat per-direction estimates for S sets of one output (what :func:`predict` shapes, and what
+    :mod:`delsketch.sketch.answer` combines with exact terms): ``per_direction`` [S, m, K, P] terms, ``cum`` [S, m,
+    K, P] their partial sums (control variates applied), ``terms``/``term_stderr`` [S, K, P], ``by_degree_stderr``
+    [S, K, P], ``base`` [P], ``safe`` [P] per-element safe sizes, the one summarized ``warning`` (not yet issued)."""
+
+    per_direction: torch.Tensor
+    cum: torch.Tensor
+    terms: torch.Tensor
+    term_stderr: torch.Tensor
+    by_degree_stderr: torch.Tensor
+    base: torch.Tensor
+    safe: torch.Tensor
+    warning: Optional[str]
+    directions: int
+
+
+def estimate(sketch, out: Output, sets: list, weight: float, k: int, tolerance: float = 0.05,
+             control_variates: bool = False) -> Estimate:
+    """Per-direction terms of ``out`` for checked ``sets`` truncated at degree ``k``, their means and standard
+    errors, and the stability check of those sets (one line)."""
+    D = deletion_matrix(sets, sketch.n, weight)
+    c = sketch.coefficients(out)  # [m, K, P]
+    m, P = c.shape[0], c.shape[2]
+    terms = sketch.per_direction_terms(out, D)[:, :, : k + 1]  # [S, m, K, P]
+    cum = terms.cumsum(2)
+    if control_variates:
+        lean = sketch.lean(D)  # [S, m]
+        cum = torch.stack([control_variate_adjust(cum[i], lean[i], sketch.n, 1) for i in range(len(sets))])
+    nan = torch.full((len(sets), k + 1, P), float("nan"), dtype=torch.float64)
+    sq = math.sqrt(m)
+    mean = terms.mean(1)
+    term_se = terms.std(1, unbiased=True) / sq if m > 1 else nan
+    stab = sketch.stability(out, tolerance=tolerance, elements=True)
+    safe = torch.as_tensor(stab["safe_deletion_size"], dtype=torch.float64).reshape(P)
+    warn = summarize_safety(safe, torch.tensor([len(d) for d in sets]), weight, out.name)
+    growing = growing_terms(mean, term_se if m > 1 else None)  # [S, P]
+    if bool(growing.any()):
+        S = growing.shape[0]
+        line = (f"{out.name}: for {int(growing.sum())} of {S * P} set-element pairs the sketch's own estimates of this "
+                f"deletion's Taylor terms do not decay (the degree-{k} term, beyond 2 s.e., is at least the degree-"
+                f"{k - 1} one): the truncated series is unreliable for them whatever the typical safe size says")
+        warn = line if warn is None else f"{warn}; {line}"
+    return Estimate(per_direction=terms, cum=cum, terms=mean, term_stderr=term_se,
+                    by_degree_stderr=cum.std(1, unbiased=True) / sq if m > 1 else nan, base=c[0, 0].real, safe=safe,
+                    warning=warn, directions=m)
+
+
 def predict(
     sketch,
     output,
@@ -202,42 +251,20 @@ def predict(
         raise ValueError(f"degree must lie in [0, {sketch.degree}]")
     if not math.isfinite(weight):
         raise ValueError(f"weight must be a finite number, got {weight}")
-    D = deletion_matrix(sets, sketch.n, weight)
-    c = sketch.coefficients(out)[:, : k + 1]  # [m, K, P]
-    m, K, P = c.shape
-    terms = sketch.per_direction_terms(out, D)[:, :, : k + 1]  # [S, m, K, P]
-    cum = terms.cumsum(2)
-    if control_variates:
-        lean = sketch.lean(D)  # [S, m]
-        cum = torch.stack([control_variate_adjust(cum[i], lean[i], sketch.n, 1) for i in range(len(sets))])
-    est = cum[:, :, k]  # [S, m, P]
-    base = c[0, 0].real  # [P]
-    sq = math.sqrt(m)
-    nan = torch.full((len(sets), K, P), float("nan"), dtype=torch.float64)
-    by_change = cum.mean(1) - base  # [S, K, P]
-    by_se = cum.std(1, unbiased=True) / sq if m > 1 else nan
-    stab = sketch.stability(out, tolerance=tolerance, elements=True)
-    safe = torch.as_tensor(stab["safe_deletion_size"], dtype=torch.float64).reshape(P)
-    sizes = torch.tensor([len(d) for d in sets])
-    warn = summarize_safety(safe, sizes, weight, out.name)
-    growing = growing_terms(terms.mean(1), terms.std(1, unbiased=True) / sq if m > 1 else None)  # [S, P]
-    if bool(growing.any()):
-        S, P = growing.shape
-        line = (f"{out.name}: for {int(growing.sum())} of {S * P} set-element pairs the sketch's own estimates of this "
-                f"deletion's Taylor terms do not decay (the degree-{k} term, beyond 2 s.e., is at least the degree-"
-                f"{k - 1} one): the truncated series is unreliable for them whatever the typical safe size says")
-        warn = line if warn is None else f"{warn}; {line}"
-    if warn is not None:
-        warnings.warn(warn, StabilityWarning, stacklevel=3)
+    est = estimate(sketch, out, sets, weight, k, tolerance, control_variates)
+    if est.warning is not None:
+        warnings.warn(est.warning, StabilityWarning, stacklevel=3)
+    m, base, safe, warn = est.directions, est.base, est.safe, est.warning
+    draws = est.cum[:, :, k]  # [S, m, P]: each direction's estimate of the output after the deletion
     fields = {
-        "estimate": est.mean(1),
-        "change": est.mean(1) - base,
-        "stderr": by_se[:, k],
-        "median_of_means": median_of_means(est, delta),
-        "terms": terms.mean(1),
-        "term_stderr": terms.std(1, unbiased=True) / sq if m > 1 else nan,
-        "by_degree_change": by_change,
-        "by_degree_stderr": by_se,
+        "estimate": draws.mean(1),
+        "change": draws.mean(1) - base,
+        "stderr": est.by_degree_stderr[:, k],
+        "median_of_means": median_of_means(draws, delta),
+        "terms": est.terms,
+        "term_stderr": est.term_stderr,
+        "by_degree_change": est.cum.mean(1) - base,
+        "by_degree_stderr": est.by_degree_stderr,
     }
     shaped = {name: out.unflatten(v[0] if single else v) for name, v in fields.items()}
     notes = []

@@ -226,7 +226,6 @@ class Sketch:
         self._held = 0
         self._base: Optional[dict[str, torch.Tensor]] = None
         self._psi: Optional[torch.Tensor] = None
-        self._effects: dict = {}  # exact per-example effects (first order, leave-one-out) per output
         self._loo_params: Optional[dict] = None  # the n leave-one-out runs' parameters (sketch.answer.loo_params)
         self._trained: Optional[dict] = None  # the plain run's parameters (sketch.answer.trained)
 
@@ -324,25 +323,38 @@ class Sketch:
             return self._outputs[query]
         return as_output(self.task, query)
 
-    def coefficients(self, query) -> torch.Tensor:
-        """c_r(psi_j) of an output for every direction: ``[m, K, P]`` complex (P = the output's size; one batched
-        evaluation per chunk of directions). Cached per output (query string, ready-made output, or the same
-        callable/Output object)."""
-        out = self.output(query)
-        key = out.cache_key if out.cache_key is not None else ("fn", id(out.fn))
+    @property
+    def fingerprint(self) -> str:
+        """The task's fingerprint, as verified against the manifest by :meth:`load` (not recomputed)."""
+        return self.manifest["fingerprint"]
+
+    def memo(self, kind: str, out: Output, compute):
+        """``compute()`` once per (kind, output) for this Sketch: outputs are known by their ``cache_key`` (a query
+        string, a ready-made output) or else by the callable itself (held, so its id is not reused)."""
+        key = (kind, out.cache_key) if out.cache_key is not None else (kind, "fn", id(out.fn))
         hit = self._cache.get(key)
         if hit is not None and (out.cache_key is not None or hit[0] is out.fn):
             if out.parts is None:
                 out.parts = hit[2]
             return hit[1]
-        parts = []
-        for params in self.chunk_params():
-            with taylor.module_context():
-                c = out.flat_coefficients(params, self.degree)
-            parts.append(c.expand(next(iter(params.values())).m, *c.shape[1:]))
-        coeffs = torch.cat(parts)
-        self._cache[key] = (out.fn, coeffs, out.parts)  # holding fn keeps its id from being reused
-        return coeffs
+        value = compute()
+        self._cache[key] = (out.fn, value, out.parts)
+        return value
+
+    def coefficients(self, query) -> torch.Tensor:
+        """c_r(psi_j) of an output for every direction: ``[m, K, P]`` complex (P = the output's size; one batched
+        evaluation per chunk of directions). Cached per output (:meth:`memo`)."""
+        out = self.output(query)
+
+        def compute():
+            parts = []
+            for params in self.chunk_params():
+                with taylor.module_context():
+                    c = out.flat_coefficients(params, self.degree)
+                parts.append(c.expand(next(iter(params.values())).m, *c.shape[1:]))
+            return torch.cat(parts)
+
+        return self.memo("coefficients", out, compute)
 
     # -- estimates --------------------------------------------------------------------------------
     def _scale(self) -> torch.Tensor:
