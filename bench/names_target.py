@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE / "own_model"))
 
 from delsketch import precompute  # noqa: E402
 from delsketch.io import jsonable  # noqa: E402
-from delsketch.tasks import get_preset  # noqa: E402
+from delsketch.tasks import factory, get_preset  # noqa: E402
 from delsketch.training import retrain, train  # noqa: E402
 
 from run import spearman  # noqa: E402  (bench/own_model/run.py)
@@ -76,11 +76,12 @@ def main(argv=None):
     truth = torch.stack([q(retrain(task, D)) - base_v for D in sets]).numpy()  # [S, 3]
     res["ground_truth_s"] = time.perf_counter() - t0
 
+    spec = {"preset": "names", "data": None, "steps": None}
     sketch_dir = Path(a.sketch_dir) if a.sketch_dir else Path(tempfile.mkdtemp()) / "sketch"
     t0 = time.perf_counter()
     sk = precompute(task, sketch_dir, directions=a.directions, degree=a.degree, seed=0,
                     chunk=max(1, a.directions // 8), workers=a.workers,
-                    task_spec={"preset": "names", "data": None, "steps": None})
+                    task_spec=spec, task_factory=factory(spec) if a.workers > 1 else None)
     res["precompute_s_this_call"] = time.perf_counter() - t0
     from delsketch.sketch.answer import costs
 
