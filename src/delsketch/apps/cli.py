@@ -212,9 +212,11 @@ query_option = click.option("--query", "query", multiple=True, help="output to e
 @click.option("--executor", default=None, help="local | process | ray | ray://HOST:PORT (default: local, or process "
               "with --workers > 1; 'ray' joins RAY_ADDRESS if set, else starts a local Ray runtime)")
 @click.option("--device", default=None, help="where the ring training runs, e.g. cuda (default: cpu)")
+@click.option("--memory-budget", default=None, help="memory one ring run may use, e.g. 6GB; a chunk that needs more "
+              "is trained in several runs (same files) [default: half the available memory, shared by the workers]")
 @json_option
 def sketch(preset, task_ref, data, steps, sets, directions, degree, out_dir, seed, chunk, workers, executor, device,
-           json_out):
+           memory_budget, json_out):
     """Precompute a deletion sketch: m ring training runs at degree k."""
     from ..sketch import precompute
     from ..tasks import factory
@@ -223,6 +225,13 @@ def sketch(preset, task_ref, data, steps, sets, directions, degree, out_dir, see
         raise CliError("--workers must be 0 (one per core) or more")
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise CliError(f"--out {out_dir} exists and is not a directory")
+    if memory_budget is not None:
+        from ..training.memory import parse_bytes
+
+        try:
+            parse_bytes(memory_budget)
+        except ValueError as e:
+            raise CliError(f"--memory-budget: {e}") from None
     task, spec = build_task(preset, data, steps, task_ref, sets)
     t0 = time.perf_counter()
     with progress_bar("sketch") as bar:
@@ -233,7 +242,7 @@ def sketch(preset, task_ref, data, steps, sets, directions, degree, out_dir, see
 
         sk = precompute(task, out_dir, directions, degree, seed=seed, chunk=chunk, steps=None,
                         progress=cb, task_spec=spec, task_factory=factory(spec), workers=(os.cpu_count() or 1) if workers == 0 else workers,
-                        executor=executor, device=device)
+                        executor=executor, device=device, memory_budget=memory_budget)
     wall = time.perf_counter() - t0
     info = {"out": str(out_dir), "directions": sk.m, "degree": sk.degree, "n": sk.n, "steps": sk.manifest["steps"],
             "seconds": round(wall, 3)}

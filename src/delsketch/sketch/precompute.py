@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import json
 import time
 import warnings
@@ -17,6 +18,7 @@ from .. import series as taylor
 from ..executors import Executor, get_executor, job_progress
 from ..io import LockedError, atomic_save_tensors, directory_lock, sha256_file, write_json
 from ..training import Task
+from ..training.memory import DEFAULT_MEMORY_FRACTION, RESERVE_BYTES, available_bytes, directions_that_fit, parse_bytes
 from .core import FORMAT, RecoveryWarning, SketchError, directions, ring_train, weight_series
 from .store import (Sketch, SketchConfig, chunk_name, complex_to_real, manifest, read_manifest, real_to_complex,
                     tensor_digest)
@@ -37,6 +39,7 @@ def precompute(
     workers: Optional[int] = None,
     executor: Union[str, Executor, None] = None,
     device: Union[str, torch.device, None] = None,
+    memory_budget: Union[int, float, str, None] = None,
 ) -> "Sketch":
     """Build (or resume) a sketch in directory ``out``.
 
@@ -60,6 +63,12 @@ def precompute(
     usual ``if __name__ == "__main__":`` guard. ``device`` (e.g. ``"cuda"``) runs the ring training there
     (the task's own tensors must be usable on that device); the files are written from CPU copies.
 
+    ``memory_budget`` (bytes, or a size such as ``"6GB"``) bounds the memory of one ring run: a chunk whose
+    directions would need more (:func:`delsketch.training.memory.ring_bytes_per_direction`) is trained in
+    several runs of fewer directions and written as one file, so the file layout never depends on the budget.
+    Without one, a run may use half the memory available when the precompute starts, shared among the local
+    worker processes; the chunk is then split only when memory is short.
+
     Resuming never trusts bytes it cannot verify: a recorded chunk is kept only if it hashes to its manifest
     record, an unrecorded one (copied in) only if its tensors hash to the digest stored inside it and it holds
     the right directions; anything else is recomputed with a :class:`RecoveryWarning` (one line), and the
@@ -77,6 +86,7 @@ def precompute(
                          "delsketch.tasks.factory(spec) for a preset, delsketch.tasks.file_factory('file.py:function') "
                          "for a task defined in a file)")
     device = _check_device(device, here=executor.name != "ray")
+    batch = _directions_per_run(task, cfg, memory_budget, executor)
     if device is not None and device.startswith("cuda") and getattr(executor, "num_gpus", None) == 0:
         executor = copy.copy(executor)
         executor.num_gpus = 1  # a Ray job on a GPU asks for one
@@ -86,12 +96,39 @@ def precompute(
     out.mkdir(parents=True, exist_ok=True)
     try:
         with directory_lock(out):
-            return _build(task, out, cfg, progress, task_spec, task_factory, max_chunks, only_chunks, executor, device)
+            return _build(task, out, cfg, progress, task_spec, task_factory, max_chunks, only_chunks, executor, device,
+                          batch)
     except LockedError as e:
         raise SketchError(f"{e}: another precompute is writing this sketch; wait for it or choose another --out") from None
 
 
-def _build(task, out, cfg, progress, task_spec, task_factory, max_chunks, only_chunks, executor, device) -> "Sketch":
+def _directions_per_run(task: Task, cfg: SketchConfig, memory_budget, executor) -> int:
+    """How many directions one ring run carries: the chunk, or fewer when the memory budget needs it."""
+    explicit = memory_budget is not None
+    if explicit:
+        budget = parse_bytes(memory_budget)
+    else:
+        avail = available_bytes()
+        if avail is None:
+            return cfg.chunk
+        # processes that may run ring runs side by side on this machine share what is available
+        local = max(1, getattr(executor, "workers", None) or ((os.cpu_count() or 1) if executor.remote else 1))
+        budget = int(avail * DEFAULT_MEMORY_FRACTION) // local
+    fit, per = directions_that_fit(task, cfg.degree, budget)
+    if fit >= cfg.chunk:
+        return cfg.chunk
+    if fit < 1:
+        msg = (f"one direction of this task at degree {cfg.degree} needs about {per / 2**20:.0f} MiB (plus "
+               f"{RESERVE_BYTES >> 20} MiB for the run), more than the memory budget of {budget / 2**20:.0f} MiB")
+        if explicit:
+            raise SketchError(msg + ": raise --memory-budget or lower the degree")
+        warnings.warn(msg + ": trying one direction per run", ResourceWarning)
+        return 1
+    return fit
+
+
+def _build(task, out, cfg, progress, task_spec, task_factory, max_chunks, only_chunks, executor, device,
+           batch) -> "Sketch":
     """The body of :func:`precompute`, run while holding the directory's lock."""
     directions, degree, seed, chunk = cfg.directions, cfg.degree, cfg.seed, cfg.chunk
     for stale in out.glob(".*.tmp"):  # left by a killed writer; the files they were for are rewritten
@@ -178,7 +215,7 @@ def _build(task, out, cfg, progress, task_spec, task_factory, max_chunks, only_c
             if progress:
                 progress(done + sum(partial.values()), total)
 
-        jobs = [(str(out), ci, j0, count, seed, degree, n_steps, device) for ci, j0, count in todo]
+        jobs = [(str(out), ci, j0, count, seed, degree, n_steps, device, batch) for ci, j0, count in todo]
         executor.map(_chunk_job, jobs, task=task, factory=task_factory, on_result=on_result, on_progress=on_progress)
     for stale in out.glob(".*.tmp"):  # a worker killed mid-write (its job was run again)
         stale.unlink(missing_ok=True)
@@ -200,18 +237,28 @@ def _check_device(device, here: bool = True) -> Optional[str]:
 
 
 def _compute_chunk(task: Task, out: Path, ci: int, j0: int, count: int, seed: int, degree: int, n_steps: int,
-                   cb: Callable[[int], None], device: Optional[str] = None) -> tuple[dict, float]:
-    """Ring-train directions ``j0 .. j0+count-1`` and write chunk file ``ci`` atomically.
+                   cb: Callable[[int, int], None], device: Optional[str] = None,
+                   batch: Optional[int] = None) -> tuple[dict, float]:
+    """Ring-train directions ``j0 .. j0+count-1`` (in runs of at most ``batch`` directions) and write chunk file
+    ``ci`` atomically. ``cb(directions done before this run, step)``.
 
     Returns the degree-0 parameters (plain training, the same in every chunk) and the wall time."""
     psi = directions(seed, range(j0, j0 + count), task.n)
+    batch = count if batch is None else max(1, min(batch, count))
     t0 = time.perf_counter()
-    params = ring_train(task, weight_series(psi, degree), steps=n_steps, callback=lambda s, loss: cb(s), device=device)
+    parts: dict[str, list] = {}
+    for b0 in range(0, count, batch):
+        sub = psi[b0 : b0 + batch]
+        params = ring_train(task, weight_series(sub, degree), steps=n_steps,
+                            callback=lambda s, loss, b0=b0: cb(b0, s), device=device)
+        for k, v in params.items():
+            c = taylor.coefficients(v).cpu()
+            parts.setdefault(k, []).append(c.expand(len(sub), *c.shape[1:]))
+        del params
     tensors = {"psi": complex_to_real(psi)}
     base = {}
-    for k, v in params.items():
-        c = taylor.coefficients(v).cpu()
-        c = c.expand(count, *c.shape[1:])
+    for k, cs in parts.items():
+        c = cs[0] if len(cs) == 1 else torch.cat(cs)
         base[k] = c[0, 0].real.clone()
         tensors[f"param.{k}"] = complex_to_real(c[:, 1:])
     meta = {"format": FORMAT, "first": str(j0), "count": str(count), "digest": tensor_digest(tensors),
@@ -221,15 +268,16 @@ def _compute_chunk(task: Task, out: Path, ci: int, j0: int, count: int, seed: in
 
 
 def _chunk_job(task: Task, out: str, ci: int, j0: int, count: int, seed: int, degree: int, n_steps: int,
-               device: Optional[str] = None):
+               device: Optional[str] = None, batch: Optional[int] = None):
     """One job of the farm (any executor): chunk ``ci`` written to ``out``; progress in direction-steps."""
     every = max(1, n_steps // 200)
+    run = count if batch is None else max(1, min(batch, count))
 
-    def cb(s: int) -> None:
+    def cb(done: int, s: int) -> None:
         if (s + 1) % every == 0 or s + 1 == n_steps:
-            job_progress((s + 1) * count)
+            job_progress(done * n_steps + (s + 1) * min(run, count - done))
 
-    base, seconds = _compute_chunk(task, Path(out), ci, j0, count, seed, degree, n_steps, cb, device)
+    base, seconds = _compute_chunk(task, Path(out), ci, j0, count, seed, degree, n_steps, cb, device, batch)
     return ci, j0, count, base, seconds
 
 

@@ -1,0 +1,137 @@
+"""The memory budget of the precompute (issue 17 item 3): the per-direction estimate against the peak resident
+memory measured in a fresh process, and chunks split into several ring runs with the same files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from delsketch.apps.cli import main as cli_main
+from delsketch.sketch import SketchError, precompute
+from delsketch.sketch.precompute import _directions_per_run
+from delsketch.sketch.store import SketchConfig
+from delsketch.executors import get_executor
+from delsketch.tasks import get_preset
+from delsketch.training import Task
+from delsketch.training.memory import RESERVE_BYTES, parse_bytes, ring_bytes_per_direction, step_elements
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def test_parse_bytes():
+    assert parse_bytes("6GB") == 6 << 30
+    assert parse_bytes("512 MiB") == 512 << 20
+    assert parse_bytes("1.5g") == 3 << 29
+    assert parse_bytes(1000) == 1000
+    for bad in ("", "six GB", "5 parsecs", 0, -1, "0MB", True):
+        with pytest.raises(ValueError):
+            parse_bytes(bad)
+
+
+def _mlp_task(width=64, n=128, steps=3):
+    torch.manual_seed(0)
+    X, y = torch.randn(n, 16, dtype=torch.float64), torch.randint(0, 4, (n,))
+    model = nn.Sequential(nn.Linear(16, width), nn.SiLU(), nn.Linear(width, 4)).double()
+    return Task.from_module(model, (X, y), nn.CrossEntropyLoss(reduction="none"),
+                            torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), steps=steps)
+
+
+def test_step_elements_count_what_a_step_keeps():
+    e = step_elements(_mlp_task())
+    P = 16 * 64 + 64 + 64 * 4 + 4
+    assert e["params"] == P
+    assert e["state"] == P  # SGD momentum: one buffer per parameter
+    assert e["saved"] >= 128 * 64  # at least the hidden activations of the batch
+
+
+PROBE = textwrap.dedent("""
+    import json, sys, torch, torch.nn as nn
+    torch.set_num_threads(1)
+    from delsketch.training import Task
+    from delsketch.sketch.core import directions, weight_series, ring_train
+    kind, m = sys.argv[1], int(sys.argv[2])
+    torch.manual_seed(0)
+    if kind == "mlp":
+        X, y = torch.randn(512, 64, dtype=torch.float64), torch.randint(0, 10, (512,))
+        model = nn.Sequential(nn.Linear(64, 128), nn.SiLU(), nn.Linear(128, 128), nn.SiLU(), nn.Linear(128, 10)).double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        task = Task.from_module(model, (X, y), nn.CrossEntropyLoss(reduction="none"), opt, steps=2)
+    else:
+        X, y = torch.randn(128, 1, 12, 12, dtype=torch.float64), torch.randint(0, 10, (128,))
+        model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.Tanh(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(200, 10)).double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        task = Task.from_module(model, (X, y), nn.CrossEntropyLoss(reduction="none"), opt, epochs=1, batch_size=64,
+                                shuffle_seed=0)
+    from delsketch.training.memory import ring_bytes_per_direction
+    est = ring_bytes_per_direction(task, 3)
+    psi = directions(0, range(m), task.n)
+    def rss(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    before = rss("VmRSS")
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak resident set size
+    ring_train(task, weight_series(psi, 3), steps=2)
+    print(json.dumps({"estimate": est, "peak_increase": rss("VmHWM") - before}))
+""")
+
+
+def _probe(kind: str, m: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": SRC}
+    r = subprocess.run([sys.executable, "-c", PROBE, kind, str(m)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's peak-RSS reset")
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_estimate_bounds_the_measured_memory_per_direction(kind):
+    """The slope of the measured peak (4 vs 16 directions, fresh processes) lies below the estimate, and the
+    estimate is not so loose that it would waste most of a budget (at most 4x the measured slope)."""
+    a, b = _probe(kind, 4), _probe(kind, 16)
+    slope = (b["peak_increase"] - a["peak_increase"]) / 12
+    assert slope > 0
+    assert slope <= a["estimate"] <= 4 * slope, (slope / 2**20, a["estimate"] / 2**20)
+    assert a["peak_increase"] - 4 * slope <= RESERVE_BYTES  # what does not grow with m fits the reserve
+
+
+def test_a_chunk_split_by_the_budget_gives_the_same_files(tmp_path):
+    task = get_preset("digits")(steps=12)
+    per = ring_bytes_per_direction(task, 2)
+    budget = RESERVE_BYTES + 3 * per  # three directions per run: the chunk of 8 in runs of 3, 3, 2
+    cfg = SketchConfig(directions=8, degree=2, chunk=8)
+    assert _directions_per_run(task, cfg, budget, get_executor(None, None)) == 3
+    assert _directions_per_run(task, cfg, None, get_executor(None, None)) == 8  # plenty of memory: the chunk
+    precompute(task, tmp_path / "a", directions=8, degree=2, chunk=8)
+    precompute(task, tmp_path / "b", directions=8, degree=2, chunk=8, memory_budget=budget)
+    for name in ("chunk-00000.safetensors", "base.safetensors", "manifest.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_a_split_matmul_bound_chunk_agrees_to_1e12(tmp_path):
+    task = _mlp_task(width=128, steps=4)
+    per = ring_bytes_per_direction(task, 3)
+    precompute(task, tmp_path / "a", directions=6, degree=3, chunk=6)
+    precompute(task, tmp_path / "b", directions=6, degree=3, chunk=6, memory_budget=RESERVE_BYTES + 2 * per)
+    A = load_file(tmp_path / "a" / "chunk-00000.safetensors")
+    B = load_file(tmp_path / "b" / "chunk-00000.safetensors")
+    for k in A:
+        assert torch.allclose(A[k], B[k], rtol=1e-12, atol=1e-12 * float(A[k].abs().max())), k
+
+
+def test_a_budget_below_one_direction_is_refused(tmp_path, capsys):
+    task = get_preset("digits")(steps=4)
+    with pytest.raises(SketchError, match="memory budget"):
+        precompute(task, tmp_path / "s", directions=4, degree=2, chunk=4, memory_budget=RESERVE_BYTES)
+    assert cli_main(["sketch", "--preset", "digits", "--steps", "4", "--directions", "2", "--degree", "2",
+                     "--out", str(tmp_path / "c"), "--memory-budget", "lots"]) == 2
+    assert "--memory-budget" in capsys.readouterr().err
