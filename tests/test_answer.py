@@ -52,7 +52,16 @@ def test_first_order_and_loo_sum_are_their_exact_definitions(setup, tmp_path):
     E = first_order(task, O.own_losses(task, [0, 5]))  # computed here, independently of the sketch's cache
     want = torch.stack([E[D].sum(0) for D in SETS])
     torch.testing.assert_close(fo.change, want, rtol=1e-10, atol=1e-14)
-    assert bool(torch.isnan(fo.stderr).all()) and fo.to_json()["stderr"] == [[None, None]] * 3
+    # its error bar: the sketch's estimate of the left-out terms 2..k (|mean| + 1 s.e. over the directions),
+    # recomputed from the sketch's per-direction terms
+    from delsketch.sketch.predict import deletion_matrix
+
+    hi = sk.per_direction_terms(out, deletion_matrix(SETS, task.n, 1.0))[:, :, 2:].sum(2)  # [S, m, P]
+    bar = hi.mean(1).abs() + hi.std(1) / hi.shape[1] ** 0.5
+    torch.testing.assert_close(fo.stderr, bar, rtol=1e-10, atol=1e-15)
+    assert any("left-out terms of degree 2..3" in n for n in fo.notes)
+    truth = _truth(task, out, SETS)
+    assert float(((fo.change - truth).abs() <= 3 * fo.stderr).double().mean()) >= 0.8  # against retraining
     # cached beside the sketch, keyed by the output: a fresh Sketch reads it; a damaged file is recomputed
     files = sorted((d / "effects").glob("first_order-*.safetensors"))
     assert len(files) == 1

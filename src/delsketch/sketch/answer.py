@@ -10,7 +10,8 @@ Methods (``Sketch.predict(..., method=...)``, ``delsketch predict --method``):
   n evaluations. ``auto``'s second choice, when they are cached or cost no more than the sketch's own precompute
   (deletions with weight 1 only).
 * ``first_order`` - the exact first-order term, by reverse mode through the run (cached beside the sketch).
-  ``auto``'s third choice, when neither retraining the sets nor the n leave-one-out runs fit the budget.
+  ``auto``'s third choice, when neither retraining the sets nor the n leave-one-out runs fit the budget. Its
+  error bar is what it leaves out, the terms of degree 2..k, as the sketch estimates them (|estimate| + 1 s.e.).
 * ``first_order+sketch`` - the exact degree-1 term plus the sketch's estimates of the higher terms where they
   lower the estimated error: for every set and output element the truncation degree r minimizes (sampling
   variance of the added terms 2..r) + (estimated size of the first term left out)^2, among the degrees whose
@@ -254,6 +255,22 @@ def choose_degrees(terms: torch.Tensor, term_se: torch.Tensor, cum_se: torch.Ten
     return best + 1, bar.gather(1, best[:, None]).squeeze(1).sqrt()
 
 
+def _left_out_bar(sketch, out: Output, sets, weight: float, sketch_kw: dict):
+    """The error bar of the exact first-order answer: what it leaves out, the terms of degree 2..k, as the sketch
+    estimates them (their sum in absolute value plus one standard error over the directions). None (with a note
+    that says so) for a degree-1 sketch or a single direction."""
+    K = sketch.degree if sketch_kw.get("degree") is None else sketch_kw["degree"]
+    if K < 2 or sketch.m < 2:
+        return None, "exact first-order term; higher-order terms left out (not bounded: the sketch has degree 1)"
+    est = sketch_estimate(sketch, out, sets, weight, K, sketch_kw.get("tolerance", 0.05))
+    if est.warning is not None:
+        warnings.warn(est.warning, StabilityWarning, stacklevel=4)
+    hi = est.per_direction[:, :, 2:].sum(2)  # [S, m, P]: each direction's estimate of terms 2..K
+    bar = hi.mean(1).abs() + hi.std(1, unbiased=True) / math.sqrt(est.directions)
+    return bar, (f"exact first-order term; stderr is the size of the left-out terms of degree 2..{K} as the sketch "
+                 f"estimates them (|estimate| + 1 s.e., {est.directions} directions)")
+
+
 def answer(sketch, output, delete, method: str = "auto", weight: float = 1.0, budget_s: float = DEFAULT_BUDGET_S,
            **sketch_kw) -> Prediction:
     """The answer to "what would ``output`` be had ``delete`` never been seen?" by ``method`` (see the module)."""
@@ -320,9 +337,13 @@ def answer(sketch, output, delete, method: str = "auto", weight: float = 1.0, bu
                 raise ValueError("loo_sum answers deletions (weight 1) only")
             lin = D @ loo_effects(sketch, out)
         if method != "first_order+sketch":
-            note = ("exact first-order term; higher-order terms left out (not bounded)" if method == "first_order" else
-                    "exact leave-one-out effects summed: each example's own nonlinearity kept, interactions left out")
-            p = Prediction.exact(out, method, base, base + lin, sets, single, weight, degree=1, notes=why + [note])
+            bar = None
+            if method == "first_order":
+                bar, note = _left_out_bar(sketch, out, sets, weight, sketch_kw)
+            else:
+                note = "exact leave-one-out effects summed: each example's own nonlinearity kept, interactions left out"
+            p = Prediction.exact(out, method, base, base + lin, sets, single, weight, degree=1, notes=why + [note],
+                                 stderr=bar)
         else:
             K = sketch.degree if sketch_kw.get("degree") is None else sketch_kw["degree"]
             est = sketch_estimate(sketch, out, sets, weight, K, sketch_kw.get("tolerance", 0.05))
