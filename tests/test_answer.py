@@ -201,3 +201,15 @@ def test_cli_method_and_budget(setup, capsys):
     for bad in (["--method", "magic"], ["--budget", "-1"], ["--budget", "nan"], ["--method", "retrain", "--by-degree"]):
         rc = main(["predict", str(d), "--delete", "0:4", "--query", "test:mean", *bad])
         assert rc == 2 and capsys.readouterr().err.count("\n") == 1, bad
+
+
+def test_auto_choice_rule():
+    """auto's rule as a pure function of the recorded costs (what bench/accuracy's report applies to its run)."""
+    from delsketch.sketch.answer import auto_choice
+
+    assert auto_choice(10, 500, 1.0, 100.0, 30.0)[0] == "retrain"  # 10 s of retraining fits 30 s
+    assert auto_choice(40, 50, 1.0, 60.0, 30.0)[0] == "loo_sum"  # 40 s > 30 s; 50 LOO runs <= the 60 s precompute
+    assert auto_choice(40, 50, 1.0, 10.0, 30.0)[0] == "first_order"  # 50 s of LOO > max(30, 10)
+    assert auto_choice(40, 50, 1.0, 10.0, 30.0, loo_cached=True)[0] == "loo_sum"
+    assert auto_choice(40, 50, 1.0, 60.0, 30.0, weight=0.5)[0] == "first_order"  # loo_sum answers deletions only
+    assert auto_choice(1, 50, None, None, 30.0)[0] == "first_order"  # no recorded cost: nothing assumed cheap

@@ -158,6 +158,40 @@ def summary(out: dict) -> list[str]:
     return lines
 
 
+def auto_rows(out: dict, m: int = 256) -> list[str]:
+    """What ``Sketch.predict(method="auto")`` (default budget) answers for each task and family, by the library's own
+    rule (:func:`delsketch.sketch.answer.auto_choice`) applied to this run's recorded costs (one retrain per set,
+    the precompute of the m-direction sketch), and the accuracy of that answer in this run: retraining is exact;
+    first order is its own column; loo_sum is exact for single deletions and was not measured here otherwise."""
+    from delsketch.sketch.answer import DEFAULT_BUDGET_S, auto_choice
+
+    lines = [f"| task | family | sets | auto's answer (m = {m} sketch) | its ρ / rel.err | first-order ρ | best sketch ρ | "
+             "best peer ρ |", "|---|---|---:|---|---:|---:|---:|---:|"]
+    for key, res in out["tasks"].items():
+        r = res["timing"]["retrain"]["per_set_s"]
+        pre = res["timing"].get(f"sketch m={m}", {}).get("precompute_s")
+        peers, *_ = _columns(res)
+        for fam in SIZES + ["groups"]:
+            if fam not in res["families"]:
+                continue
+            row = res["families"][fam]
+            M = row["methods"]
+            S = row["sets"] if isinstance(row.get("sets"), int) else len(row.get("sets", []))
+            method, _ = auto_choice(S, res["n"], r, pre, DEFAULT_BUDGET_S)
+            if method == "retrain" or (method == "loo_sum" and fam == "loo"):
+                acc = "1.00 / 0.00 (exact)"
+            elif method == "first_order":
+                acc = _pair(M, "first-order")
+            else:
+                acc = "not measured here"
+            sk = max((M[x]["spearman"] for x in M if x.startswith("sketch") and M[x].get("spearman") is not None),
+                     default=None)
+            bp = best_peer(M, peers)
+            lines.append(f"| {key} | {fam} | {S} | {method} | {acc} | {_f(M['first-order']['spearman'])} | {_f(sk)} | "
+                         + (f"{_f(M[bp]['spearman'])}" if bp else "–") + " |")
+    return lines
+
+
 def write(out: dict, plots: dict, md: Path, figdir: Path) -> None:
     lines: list[str] = []
     if INTRO.exists():
@@ -169,6 +203,13 @@ def write(out: dict, plots: dict, md: Path, figdir: Path) -> None:
               "predicted and actual change, mean over queries — at 50% the LDS; rel.err = median |pred − actual| / "
               "|actual|; full degree = the sketch's precompute degree; per-task tables below):", ""]
     lines += summary(out) + [""]
+    lines += ["**What the default answer (`method=\"auto\"`) gives here.** Every row below is a question a user could "
+              "ask with one `predict` call (one family of sets, default 30 s budget); the method is what "
+              "`delsketch.sketch.answer.auto_choice` picks from this run's recorded cost of one retrain and of the "
+              "256-direction sketch's precompute (added after the run, from its JSON; `--report-only` regenerates it). "
+              "Retraining is exact; the first-order column is the measured line; 'best sketch' is the best of every "
+              "sketch size and degree, chosen on the truth (which favours it):", ""]
+    lines += auto_rows(out) + [""]
     if out["peers_not_run"]:
         lines += ["Peers not run: " + "; ".join(f"{k} ({v})" for k, v in out["peers_not_run"].items()) + ".", ""]
     for key, res in out["tasks"].items():

@@ -271,6 +271,30 @@ def _left_out_bar(sketch, out: Output, sets, weight: float, sketch_kw: dict):
                  f"estimates them (|estimate| + 1 s.e., {est.directions} directions)")
 
 
+def auto_choice(S: int, n: int, retrain_s: Optional[float], precompute_s: Optional[float], budget_s: float,
+                loo_cached: bool = False, weight: float = 1.0) -> tuple[str, str]:
+    """``auto``'s rule, as (method, the reason stated in the answer): ``retrain`` when the S sets retrain within
+    ``budget_s``; else ``loo_sum`` (deletions only) when the n leave-one-out runs are cached or cost no more than
+    ``max(budget_s, precompute_s)`` (a one-time cost every later question reuses); else ``first_order``."""
+    r = retrain_s or math.inf
+    once = max(budget_s, precompute_s or 0.0)
+    if S * r <= budget_s:
+        sets_do = "the set retrains" if S == 1 else f"the {S} sets retrain"
+        return "retrain", (f"auto chose retrain: {sets_do} in about {S * r:.3g} s, within the budget of {budget_s:g} s, "
+                           "and retraining is exact")
+    if weight == 1.0 and (loo_cached or n * r <= once):
+        return "loo_sum", (f"auto chose loo_sum: retraining the {S} sets would take about {S * r:.3g} s (budget "
+                           f"{budget_s:g} s); the n = {n} leave-one-out retrains "
+                           + ("are cached beside the sketch" if loo_cached else
+                              f"(about {n * r:.3g} s, once, cached beside the sketch) cost no more than the sketch's "
+                              "own precompute") + "; their sum keeps each example's own nonlinearity, which first order "
+                           "misses (interactions between deleted examples are left out)")
+    return "first_order", (f"auto chose first_order: retraining the {S} sets would take about {S * r:.3g} s (budget "
+                           f"{budget_s:g} s) and the n leave-one-out retrains about {n * r:.3g} s; the exact "
+                           "first-order term was the most accurate of the remaining methods in docs/answers.md "
+                           "(method='first_order+sketch' adds the sketch's higher terms where they exceed 2 s.e.)")
+
+
 def answer(sketch, output, delete, method: str = "auto", weight: float = 1.0, budget_s: float = DEFAULT_BUDGET_S,
            **sketch_kw) -> Prediction:
     """The answer to "what would ``output`` be had ``delete`` never been seen?" by ``method`` (see the module)."""
@@ -288,27 +312,9 @@ def answer(sketch, output, delete, method: str = "auto", weight: float = 1.0, bu
     rc = costs(sketch)
     why = []
     if method == "auto":
-        r = rc.get("retrain_s") or math.inf
-        once = max(budget_s, rc.get("precompute_s") or 0.0)  # a one-time cost, reused by every later question
-        if S * r <= budget_s:
-            method = "retrain"
-            sets_do = "the set retrains" if S == 1 else f"the {S} sets retrain"
-            why.append(f"auto chose retrain: {sets_do} in about {S * r:.3g} s, within the budget of {budget_s:g} s, and "
-                       "retraining is exact")
-        elif weight == 1.0 and (_loo_cached(sketch) or sketch.n * r <= once):
-            method = "loo_sum"
-            why.append(f"auto chose loo_sum: retraining the {S} sets would take about {S * r:.3g} s (budget {budget_s:g} s); "
-                       f"the n = {sketch.n} leave-one-out retrains "
-                       + ("are cached beside the sketch" if _loo_cached(sketch) else
-                          f"(about {sketch.n * r:.3g} s, once, cached beside the sketch) cost no more than the sketch's "
-                          "own precompute") + "; their sum keeps each example's own nonlinearity, which first order "
-                       "misses (interactions between deleted examples are left out)")
-        else:
-            method = "first_order"
-            why.append(f"auto chose first_order: retraining the {S} sets would take about {S * r:.3g} s (budget "
-                       f"{budget_s:g} s) and the n leave-one-out retrains about {sketch.n * r:.3g} s; the exact "
-                       "first-order term was the most accurate of the remaining methods in docs/answers.md "
-                       "(method='first_order+sketch' adds the sketch's higher terms where they exceed 2 s.e.)")
+        method, reason = auto_choice(S, sketch.n, rc.get("retrain_s"), rc.get("precompute_s"), budget_s,
+                                     _loo_cached(sketch), weight)
+        why.append(reason)
     t0 = time.perf_counter()
     if method == "retrain":
         with torch.no_grad():
