@@ -259,6 +259,16 @@ def dattri_trak(bt) -> dict:
         lp = logp_correct(params, data)
         return lp - torch.log1p(-torch.exp(lp))
 
+    # a task may bring its own margin(params, x, y) (bench/own_model: the logit difference of a binary
+    # classifier, where p rounds to 1 in float64 and the formula above is infinite); the tasks here do not
+    own_margin = getattr(bt, "margin", None)
+    if own_margin is not None:
+        def margin(params, data):  # noqa: F811
+            x, y = data
+            if x.dim() == bt.train_x.dim() - 1:
+                x, y = x.unsqueeze(0), y.unsqueeze(0)
+            return own_margin(params, x, y).mean()
+
     def correct_probability(params, data):
         return torch.exp(logp_correct(params, data))
 
@@ -273,8 +283,9 @@ def dattri_trak(bt) -> dict:
     s = attr.attribute(test)  # [n, Q]: positive = supports the correct output (deleting it raises the loss)
     return {"scores": s.detach().double().numpy(), "rank_only": True,
             "settings": {"checkpoints": "the trained model only (one run; TRAK's ensembles need retrained models)",
-                         "output_function": "margin log(p/(1-p)) of the correct class (digits) / of the geometric-mean "
-                                            "token probability (names)",
+                         "output_function": getattr(bt, "margin_description", None)
+                                            or "margin log(p/(1-p)) of the correct class (digits) / of the "
+                                               "geometric-mean token probability (names)",
                          "projection": "proj_dim 512 (dattri default)", "regularization": 0.0,
                          "scale": "rank-only (scores are in margin units)"}}
 
@@ -365,6 +376,7 @@ def kronfluence_ekfac(bt) -> dict:
         assert diff < 1e-10, f"ported microgpt differs from the preset's by {diff}"
     else:
         model = _load_into(bt.model, p)
+    linear_names = [k for k, m in model.named_modules() if isinstance(m, nn.Linear)]  # before prepare_model wraps them
 
     class KT(KTask):
         def compute_train_loss(self, batch, model, sample=False):
@@ -402,7 +414,8 @@ def kronfluence_ekfac(bt) -> dict:
             "settings": {"strategy": "ekfac", "damping_factor": "None (kronfluence heuristic: 0.1 x mean eigenvalue)",
                          "train loss": "summed per-example loss (kronfluence convention), true Fisher (sampled labels)",
                          "modules": ("the 7 matrices of microgpt, ported to nn.Linear (checked equal to the preset's "
-                                     "loss); embeddings not factored") if ported else "all nn.Linear (fc1, fc2)",
+                                     "loss); embeddings not factored") if ported else
+                                    f"all nn.Linear ({', '.join(linear_names)})",
                          "scale": "score / n"}}
 
 
