@@ -23,7 +23,7 @@ __all__ = ["ring_bytes_per_direction", "available_bytes", "parse_bytes", "direct
            "DEFAULT_MEMORY_FRACTION", "TRANSIENT_FACTOR", "RESERVE_BYTES"]
 
 #: the series products' temporaries, on top of what a plain step keeps (measured peaks: tests/test_memory.py)
-TRANSIENT_FACTOR = 2.5
+TRANSIENT_FACTOR = 3.0
 #: memory a ring run needs whatever its number of directions (imports, plain-step buffers; measured 45-240 MB)
 RESERVE_BYTES = 256 << 20
 #: without a budget, a ring run may use this share of the memory available when it starts
