@@ -1,6 +1,6 @@
 """Markdown tables from bench/results/own-model-*.json (pasted into docs/answers.md and docs/own-model.md).
 
-    python bench/own_model/report.py [bench/results/own-model-fullbatch.json ...]
+    python bench/own_model/report.py [--plot docs/figures/own-model.png] [bench/results/own-model-fullbatch.json ...]
 
 delsketch's methods (bench/own_model/run.py) come first; the first-order peers (bench/own_model/peers.py, rows
 ``peer: NAME`` in the JSON), where they were run, below them, with a line comparing the best peer per family
@@ -71,9 +71,52 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+PLOT_METHODS = ("auto (default budget)", LOO, FIRST, "first_order+sketch")
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Per family, per-output Spearman of auto, the exact baselines, the hybrid, the best sketch degree and the best
+    peer, one panel per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 3.8), squeeze=False)
+    for ax, res in zip(axes[0], results):
+        fams = list(res["families"])
+        rows = {m: [res["families"][f][m]["spearman_per_output"] for f in fams] for m in PLOT_METHODS}
+        rows["sketch (best degree)"] = [max(v["spearman_per_output"] for m, v in res["families"][f].items()
+                                            if m.startswith("sketch degree")) for f in fams]
+        if any(m.startswith(PEER) for m in res["families"][fams[0]]):
+            rows["best peer"] = [max(v["spearman_per_output"] for m, v in res["families"][f].items()
+                                     if m.startswith(PEER)) for f in fams]
+        w = 0.8 / len(rows)
+        for j, (m, ys) in enumerate(rows.items()):
+            ax.bar([i + (j - (len(rows) - 1) / 2) * w for i in range(len(fams))], ys, w, label=m)
+        ax.set_xticks(range(len(fams)), fams, fontsize=8)
+        ax.set_ylim(-0.2, 1.05)
+        ax.set_ylabel("per-output Spearman vs retraining")
+        ax.set_title(f"{res['variant']} (auto = {res.get('auto (default budget) method')})")
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None):
-    paths = [Path(p) for p in (argv or sys.argv[1:])] or sorted(Path("bench/results").glob("own-model-*.json"))
-    print("\n\n".join(table(json.loads(p.read_text())) for p in paths))
+    args = list(argv or sys.argv[1:])
+    png = None
+    if "--plot" in args:
+        k = args.index("--plot")
+        png = Path(args[k + 1])
+        del args[k : k + 2]
+    paths = [Path(p) for p in args] or sorted(Path("bench/results").glob("own-model-*.json"))
+    results = [json.loads(p.read_text()) for p in paths]
+    print("\n\n".join(table(r) for r in results))
+    if png is not None:
+        plot(results, png)
+        print(f"wrote {png}")
 
 
 if __name__ == "__main__":
