@@ -86,7 +86,7 @@ def precompute(
                          "delsketch.tasks.factory(spec) for a preset, delsketch.tasks.file_factory('file.py:function') "
                          "for a task defined in a file)")
     device = _check_device(device, here=executor.name != "ray")
-    batch = _directions_per_run(task, cfg, memory_budget, executor)
+    batch = _directions_per_run(task, cfg, memory_budget, executor, device)
     if device is not None and device.startswith("cuda") and getattr(executor, "num_gpus", None) == 0:
         executor = copy.copy(executor)
         executor.num_gpus = 1  # a Ray job on a GPU asks for one
@@ -102,13 +102,15 @@ def precompute(
         raise SketchError(f"{e}: another precompute is writing this sketch; wait for it or choose another --out") from None
 
 
-def _directions_per_run(task: Task, cfg: SketchConfig, memory_budget, executor) -> int:
-    """How many directions one ring run carries: the chunk, or fewer when the memory budget needs it."""
+def _directions_per_run(task: Task, cfg: SketchConfig, memory_budget, executor, device=None) -> int:
+    """How many directions one ring run carries: the chunk, or fewer when the memory budget needs it (without a
+    budget: half the free memory of the device the runs use, host memory unless ``device`` is a CUDA device)."""
     explicit = memory_budget is not None
     if explicit:
         budget = parse_bytes(memory_budget)
     else:
-        avail = available_bytes()
+        on_gpu = device is not None and str(device).startswith("cuda") and torch.cuda.is_available()
+        avail = torch.cuda.mem_get_info(torch.device(device))[0] if on_gpu else available_bytes()
         if avail is None:
             return cfg.chunk
         # processes that may run ring runs side by side on this machine share what is available
