@@ -261,7 +261,8 @@ def _left_out_bar(sketch, out: Output, sets, weight: float, sketch_kw: dict):
     that says so) for a degree-1 sketch or a single direction."""
     K = sketch.degree if sketch_kw.get("degree") is None else sketch_kw["degree"]
     if K < 2 or sketch.m < 2:
-        return None, "exact first-order term; higher-order terms left out (not bounded: the sketch has degree 1 or a single direction)"
+        return None, ("exact first-order term; higher-order terms left out (not bounded: the sketch has degree 1 or "
+                      "a single direction)")
     est = sketch_estimate(sketch, out, sets, weight, K, sketch_kw.get("tolerance", 0.05))
     if est.warning is not None:
         warnings.warn(est.warning, StabilityWarning, stacklevel=4)
