@@ -475,3 +475,27 @@ def test_linear_only_path_steps_aside_where_it_does_not_apply():
         assert t.gradient.path == "vmap"
         for k in a:
             assert torch.allclose(a[k], b[k], rtol=0, atol=1e-13), k
+
+
+def test_workers_rebuild_the_private_task(tmp_path):
+    # a precompute farmed out to spawned workers rebuilds the DP task from private_factory: the same bytes as one
+    # process; the plain task's factory builds the non-private task, which the fingerprint check refuses
+    from delsketch import precompute
+    from delsketch.privacy import private_factory
+    from delsketch.tasks import build_from_spec, factory
+
+    spec = {"preset": "digits", "epochs": 1, "n_train": 64}
+    dp = DP(noise_multiplier=0.8, max_grad_norm=1.0, delta=1e-3, sample_rate=0.25)
+    task = make_private(build_from_spec(spec), dp)
+    assert private_factory(factory(spec), dp)().fingerprint() == task.fingerprint()
+    kw = dict(directions=4, degree=1, chunk=2)
+    here = precompute(task, tmp_path / "here", **kw)
+    there = precompute(task, tmp_path / "there", **kw, task_factory=private_factory(factory(spec), dp),
+                       executor="process", workers=2)
+    names = sorted(p.name for p in (tmp_path / "here").glob("chunk*"))
+    assert names and all((tmp_path / "here" / f).read_bytes() == (tmp_path / "there" / f).read_bytes() for f in names)
+    assert torch.equal(here.coefficients("test:mean"), there.coefficients("test:mean"))
+    with pytest.raises(Exception, match="fingerprint"):
+        precompute(task, tmp_path / "plain", **kw, task_factory=factory(spec), executor="process", workers=2)
+    with pytest.raises(PrivacyError, match="DP"):
+        private_factory(factory(spec), {"noise_multiplier": 1.0})

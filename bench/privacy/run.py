@@ -255,16 +255,109 @@ def exposure_vs_eps(task, eps_grid, repeats=(1, 2, 4, 8, 16), per_repeat: int = 
     return out
 
 
+class _RefAdam(torch.optim.Optimizer):
+    """The names preset's Adam as a torch optimizer (betas 0.85/0.99, eps 1e-3 inside the square root, bias
+    corrected, linear decay to 0 over ``total`` steps), so Opacus's DPOptimizer can wrap the same update."""
+
+    def __init__(self, params, lr, total, betas=(0.85, 0.99), eps=1e-3):
+        super().__init__(params, {"lr": lr})
+        self.total, self.betas, self.eps, self.t = total, betas, eps, 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        b1, b2 = self.betas
+        self.t += 1
+        lr_t = self.param_groups[0]["lr"] * (1 - (self.t - 1) / self.total)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["m"], st["v"] = torch.zeros_like(p), torch.zeros_like(p)
+                st["m"].mul_(b1).add_(p.grad, alpha=1 - b1)
+                st["v"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                mhat, vhat = st["m"] / (1 - b1**self.t), st["v"] / (1 - b2**self.t)
+                p.sub_(lr_t * mhat / (vhat + self.eps).sqrt())
+
+
+class _OneLeaf(torch.nn.Module):
+    """The same model with all its parameters on one leaf module (forward: ``functional_call`` of the original),
+    which Opacus's functorch sampler differentiates per sample as a whole. (Opacus refuses MicroGPT itself: it
+    holds a buffer, the causal mask, and keeps parameters on non-leaf modules.)"""
+
+    def __init__(self, model, init):
+        super().__init__()
+        self.keys = list(init)
+        self._model = [model]  # not a submodule
+        for i, k in enumerate(self.keys):
+            self.register_parameter(f"p{i}", torch.nn.Parameter(init[k].clone()))
+
+    def forward(self, tokens):
+        from torch.func import functional_call
+
+        return functional_call(self._model[0], {k: getattr(self, f"p{i}") for i, k in enumerate(self.keys)}, (tokens,))
+
+    def named_original(self):
+        return {k: getattr(self, f"p{i}").detach().clone() for i, k in enumerate(self.keys)}
+
+
+def opacus_names_run(task, corpus, sigma, q, steps, seed):
+    """Opacus on the names task: the same MicroGPT module, initial weights, optimizer (``_RefAdam``), clip, noise
+    multiplier, Poisson sample rate and steps; per-sample gradients by Opacus's functorch sampler."""
+    import copy
+
+    from opacus import PrivacyEngine
+
+    torch.manual_seed(2000 + seed)
+    model = _OneLeaf(task.model, task.init_params())
+    lengths = torch.tensor(corpus.lengths)
+    ds = torch.utils.data.TensorDataset(corpus.inputs, corpus.targets, lengths)
+    loader = torch.utils.data.DataLoader(ds, batch_size=max(1, round(q * task.n)))
+    opt = _RefAdam(model.parameters(), lr=task.config["lr"], total=steps)
+    engine = PrivacyEngine(accountant="prv")
+    model, opt, loader = engine.make_private(module=model, optimizer=opt, data_loader=loader, noise_multiplier=sigma,
+                                             max_grad_norm=CLIP, poisson_sampling=True, grad_sample_mode="functorch")
+    done, t0 = 0, time.perf_counter()
+    while done < steps:
+        for xb, yb, lb in loader:
+            if done == steps:
+                break
+            opt.zero_grad()
+            if len(xb):
+                logp = torch.log_softmax(model(xb), dim=-1)
+                nll = -logp.gather(-1, yb.unsqueeze(-1)).squeeze(-1)
+                mask = (torch.arange(xb.shape[1])[None, :] < lb[:, None]).to(nll.dtype)
+                ((nll * mask).sum(-1) / lb).mean().backward()  # per-name mean token loss, as the task's
+            else:  # an empty Poisson batch: no samples, noise only (functorch cannot run a batch of 0)
+                for p in model.parameters():
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+            opt.step()
+            done += 1
+    dt = (time.perf_counter() - t0) / steps
+    return model._module.named_original(), dt, engine.get_epsilon(DELTA)
+
+
+def shifted_names(docs, chars, rate: float = 0.1, seed: int = 7):
+    """The held-out names with each character replaced, with probability ``rate``, by a random other one."""
+    import random
+
+    rng = random.Random(seed)
+    return ["".join(rng.choice([x for x in chars if x != c]) if rng.random() < rate else c for c in d) for d in docs]
+
+
 def names_rows(eps_grid, n: int = 100, steps: int = 100, sample_rate: float = 0.1, held: int = 500, seeds: int = 2):
     """The names task (microgpt, n names, Adam) without DP and with DP-SGD at a Poisson sample rate (the preset
     trains on one name per step, which under DP would mean a batch of ~1 and noise sigma C per step): held-out
-    mean per-name loss and per-token accuracy of ``held`` names after the training ones."""
+    mean per-name loss and per-token accuracy of ``held`` names after the training ones, the same on those names
+    with 10 % of their characters replaced (the shifted set), the loss-threshold attack (the n training names
+    against the held-out ones), and Opacus training the same model with the same settings."""
     import random
 
-    import numpy as np
-
     from delsketch import train
+    from delsketch.audit.mia import loss_threshold
     from delsketch.audit.outputs import token_accuracy
+    from delsketch.privacy import noise_multiplier_for
     from delsketch.tasks import get_preset
     from delsketch.tasks.microgpt import TextCorpus
     from delsketch.tasks.names import census_names
@@ -274,37 +367,57 @@ def names_rows(eps_grid, n: int = 100, steps: int = 100, sample_rate: float = 0.
     random.Random(42).shuffle(docs)  # the preset's own shuffle (seed 42)
     corpus = task.example_losses.__self__
     test = TextCorpus(docs[n : n + held], corpus.chars, corpus.model)
-    idx = torch.arange(held)
+    shift = TextCorpus(shifted_names(docs[n : n + held], corpus.chars), corpus.chars, corpus.model)
+    idx, tr = torch.arange(held), torch.arange(n)
     q = float(sample_rate)
 
     def evaluate(p):
         with torch.no_grad():
             p = {k: v.detach() for k, v in p.items()}
-            return float(test.example_losses(p, idx).mean()), float(token_accuracy(test, p, idx).mean())
+            lt = test.example_losses(p, idx)
+            mia = loss_threshold(corpus.example_losses(p, tr).tolist(), lt.tolist())
+            return {"heldout_loss": float(lt.mean()), "heldout_token_accuracy": float(token_accuracy(test, p, idx).mean()),
+                    "shifted_loss": float(shift.example_losses(p, idx).mean()),
+                    "shifted_token_accuracy": float(token_accuracy(shift, p, idx).mean()),
+                    "mia_auc": mia["auc"], "mia_tpr_at_1%": mia["tpr_at_fpr"]["0.01"]}
 
     out = []
     for eps in [math.inf] + eps_grid:
-        ms, t0 = [], time.perf_counter()
+        ms, os_, t0, sigma, path, spent, dts = [], [], time.perf_counter(), None, None, None, []
         for seed in range(1 if math.isinf(eps) else seeds):
             if math.isinf(eps):
                 t = task
             else:
-                from delsketch.privacy import noise_multiplier_for
-
                 sigma = noise_multiplier_for(eps, DELTA, q, steps, "prv")
                 t = private(task, sigma, seed, sample_rate=q)
             ms.append(evaluate(train(t)))
-        row = {"epsilon": None if math.isinf(eps) else eps,
-               "noise_multiplier": None if math.isinf(eps) else sigma,
-               "heldout_loss": mean_sd([m[0] for m in ms]), "heldout_token_accuracy": mean_sd([m[1] for m in ms]),
-               "seeds": len(ms), "seconds_per_run": (time.perf_counter() - t0) / len(ms),
-               "path": None if math.isinf(eps) else t.gradient.path}
+            if sigma is not None:
+                path = t.gradient.path
+                try:
+                    po, dt, spent = opacus_names_run(task, corpus, sigma, q, steps, seed)
+                    os_.append(evaluate(po))
+                    dts.append(dt)
+                except Exception as e:  # recorded, not hidden
+                    os_ = None
+                    spent = f"Opacus failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    break
+        row = {"epsilon": None if math.isinf(eps) else eps, "noise_multiplier": sigma, "seeds": len(ms),
+               "seconds_per_run": (time.perf_counter() - t0) / len(ms), "path": path}
+        for key in ms[0]:
+            row[key] = mean_sd([m[key] for m in ms])
+            if os_:
+                row["opacus_" + key] = mean_sd([m[key] for m in os_])
+        if sigma is not None:
+            row["opacus_epsilon_spent"] = spent
+            row["opacus_s_per_step"] = min(dts) if dts else None
         out.append(row)
         print(f"names, eps {eps}: held-out loss {row['heldout_loss'][0]:.3f} ± {row['heldout_loss'][1]:.3f}, token "
-              f"accuracy {row['heldout_token_accuracy'][0]:.3f}", file=sys.stderr, flush=True)
+              f"accuracy {row['heldout_token_accuracy'][0]:.3f}"
+              + (f" (opacus {row['opacus_heldout_token_accuracy'][0]:.3f})" if os_ else ""), file=sys.stderr, flush=True)
     return {"config": {"n": n, "steps": steps, "optimizer": "the preset's Adam (lr 0.01, linear decay)",
                        "dp_sample_rate": q, "no_dp_schedule": "the preset's: one name per step", "clip": CLIP,
-                       "delta": DELTA, "heldout": held}, "rows": out}
+                       "delta": DELTA, "heldout": held, "shift": "10 % of each held-out name's characters replaced"},
+            "rows": out}
 
 
 def _status_kib(key: str) -> int:
@@ -328,7 +441,7 @@ def _one_cost(method: str, task, sigma) -> dict:
 
 def cost(task, sigma: float) -> dict:
     out = {}
-    for method in ("plain", "dp", "dp_vmap", "opacus") * 3:  # alternate (the machine is shared); keep the fastest of three
+    for method in ("plain", "dp", "dp_vmap", "opacus") * 5:  # alternate (the machine is shared); keep the fastest of five
         r = _one_cost(method, task, sigma)
         if method not in out or r["s_per_step"] < out[method]["s_per_step"]:
             out[method] = r
@@ -358,10 +471,18 @@ def main(argv=None) -> int:
         res.update({"versions": versions(), "seconds": time.perf_counter() - t0,
                     "command": "python bench/privacy/run.py --names --eps " + args.eps})
         write_json("bench/results/privacy-names.json", res)
+        print(f"{'eps':>5} {'held-out loss':>15} {'token acc':>15} {'Opacus token acc':>17} {'shifted token acc':>17} "
+              f"{'MIA AUC':>8} {'ms/step ours':>12} {'Opacus':>7}")
         for r in res["rows"]:
-            print(f"{'none' if r['epsilon'] is None else r['epsilon']:>5} held-out loss {r['heldout_loss'][0]:.3f} ± "
-                  f"{r['heldout_loss'][1]:.3f}  token accuracy {r['heldout_token_accuracy'][0]:.3f} ± "
-                  f"{r['heldout_token_accuracy'][1]:.3f}")
+            f = lambda v: f"{v[0]:.3f} ± {v[1]:.3f}"  # noqa: E731
+            op = f(r["opacus_heldout_token_accuracy"]) if "opacus_heldout_token_accuracy" in r else "-"
+            ms = "-" if r["epsilon"] is None else f"{1e3 * r['seconds_per_run'] / res['config']['steps']:.1f}"
+            oms = "-" if not r.get("opacus_s_per_step") else f"{1e3 * r['opacus_s_per_step']:.1f}"
+            print(f"{'none' if r['epsilon'] is None else r['epsilon']:>5} {f(r['heldout_loss']):>15} "
+                  f"{f(r['heldout_token_accuracy']):>15} {op:>17} {f(r['shifted_token_accuracy']):>17} "
+                  f"{r['mia_auc'][0]:8.3f} {ms:>12} {oms:>7}")
+            if isinstance(r.get("opacus_epsilon_spent"), str):
+                print("      " + r["opacus_epsilon_spent"])
         return 0
     if args.plot_only:
         import json

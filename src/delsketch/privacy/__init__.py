@@ -13,10 +13,11 @@ from .config import DP
 from .dpsgd import DPGradient, PerExampleGradientError, step_noise
 from .boundary import fold_stability
 from .evaluate import accuracy, digits_test_data, losses, shifted
-from .private import FIXED_SCHEDULE_CAVEAT, diagnostics, make_private, poisson_schedule, privacy_of
+from .private import (FIXED_SCHEDULE_CAVEAT, diagnostics, make_private, poisson_schedule, privacy_of,
+                      private_factory)
 
 __all__ = [
-    "DP", "make_private", "privacy_of", "diagnostics", "poisson_schedule", "epsilon", "noise_multiplier_for",
+    "DP", "make_private", "private_factory", "privacy_of", "diagnostics", "poisson_schedule", "epsilon", "noise_multiplier_for",
     "ACCOUNTANTS", "PrivacyError", "PerExampleGradientError", "DPGradient", "step_noise", "FIXED_SCHEDULE_CAVEAT",
     "fold_stability", "accuracy", "digits_test_data", "shifted", "losses",
     "one_run_epsilon_lower_bound",

@@ -37,10 +37,13 @@ class PerExampleGradientError(PrivacyError):
 
 
 def step_noise(seed: int, step: int, shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
-    """Standard Gaussian noise for one step, a function of (seed, step) alone (float64, parameter order)."""
+    """Standard Gaussian noise for one step, a function of (seed, step) alone (float64, parameter order): one
+    draw of all the step's numbers from a generator seeded by a hash of (seed, step), split into the shapes."""
     state = np.random.SeedSequence([int(seed), int(step), 0xD95]).generate_state(2, dtype=np.uint64)
     gen = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
-    return {k: torch.randn(tuple(s), generator=gen, dtype=torch.float64) for k, s in shapes.items()}
+    sizes = [math.prod(s) for s in shapes.values()]
+    flat = torch.randn(sum(sizes), generator=gen, dtype=torch.float64)
+    return {k: v.view(tuple(s)) for (k, s), v in zip(shapes.items(), flat.split(sizes))}
 
 
 def _degree0(x: Tensor) -> Tensor:

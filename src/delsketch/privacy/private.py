@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -14,7 +15,8 @@ from .accounting import PrivacyError, check_delta, epsilon, noise_multiplier_for
 from .config import DP
 from .dpsgd import DPGradient, PerExampleGradientError
 
-__all__ = ["make_private", "poisson_schedule", "privacy_of", "diagnostics", "FIXED_SCHEDULE_CAVEAT"]
+__all__ = ["make_private", "private_factory", "poisson_schedule", "privacy_of", "diagnostics",
+           "FIXED_SCHEDULE_CAVEAT"]
 
 FIXED_SCHEDULE_CAVEAT = ("fixed (shuffled) batches: epsilon is the accountant's value for Poisson sampling at the "
                          "same rate, not a proven guarantee for this schedule")
@@ -115,6 +117,19 @@ def make_private(task: Task, dp: DP) -> Task:
         "denominator": denominator,
     }
     return dataclasses.replace(task, schedule=schedule, gradient=hook, config={**task.config, "privacy": privacy})
+
+
+def _build_private(base: Callable[[], Task], dp: DP) -> Task:
+    return make_private(base(), dp)
+
+
+def private_factory(base: Callable[[], Task], dp: DP) -> Callable[[], Task]:
+    """A picklable zero-argument callable that rebuilds ``make_private(base(), dp)``, for worker processes:
+    ``precompute(private_task, ..., task_factory=private_factory(tasks.factory(spec), dp))``. (A worker given
+    only the plain task's factory would rebuild the non-private task, whose fingerprint the precompute refuses.)"""
+    if not isinstance(dp, DP):
+        raise PrivacyError(f"private_factory needs a DP(...) configuration, got {type(dp).__name__}")
+    return functools.partial(_build_private, base, dp)
 
 
 def privacy_of(task: Task, steps: Optional[int] = None, delta: Optional[float] = None,
