@@ -313,3 +313,62 @@ def test_control_variates_stay_unbiased(task, big_sketch):
             z = (cv.estimate - sum(exact[q])) / cv.stderr
             assert abs(z) < 4, (q, cv.estimate, sum(exact[q]), cv.stderr)
             assert cv.stderr < 1.1 * plain.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# coherent sets (a class): the safe-size check must not take them for random sets
+# ---------------------------------------------------------------------------------------------
+
+
+def test_coherence_is_a_lower_bound_on_the_exact_one(task, big_sketch):
+    # the sketch's coherence (2-s.e. lower bound) against the exact one from first-order effects by reverse mode:
+    # |sum_D E_i| / (||E|| / sqrt(n) * sqrt(|D|)); a class is coherent, a random set of its size is not
+    import random as _random
+
+    from delsketch import first_order
+    from delsketch.training.outputs import own_losses
+
+    cls = task.select("class:3")
+    rnd = sorted(_random.Random(0).sample([i for i in range(task.n) if i not in cls], len(cls)))
+    exact = {}
+    for name, D in (("class", cls), ("random", rnd)):
+        out = own_losses(task, D)
+        E = first_order(task, out)  # [n, |D|]
+        exact[name] = E[D].sum(0).abs() / (E.norm(dim=0) / math.sqrt(task.n) * math.sqrt(len(D)))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pr = big_sketch.predict(out, D, method="sketch")
+        assert bool((pr.coherence <= exact[name] * 1.05 + 1e-9).all()), (pr.coherence, exact[name])
+        coherent_warning = any("coherent" in str(w.message) for w in caught)
+        assert coherent_warning == (name == "class"), [str(w.message) for w in caught]
+        if name == "class":
+            assert float(pr.coherence.min()) > 0.5 * float(exact[name].min())
+    assert float(exact["class"].min()) > 2 * float(exact["random"].max())
+
+
+def test_coherent_sets_are_flagged_where_the_sketch_misses_retraining(tmp_path):
+    # digits, 10 epochs, a 64-direction degree-3 sketch: deleting a whole class lies beyond what the series reaches
+    # (retraining raises the class's losses ~1000x; the sketch's error bars cover few of them) and the check flags
+    # most of its examples; a random set of half the size is covered and not flagged
+    import random as _random
+
+    from delsketch.sketch.predict import effective_sizes
+    from delsketch.training import retrain
+    from delsketch.training.outputs import own_losses
+
+    task = get_preset("digits")(epochs=10)
+    sk = precompute(task, tmp_path / "sk", directions=64, degree=3, chunk=32)
+    for D, coherent in ((task.select("class:3"), True), (sorted(_random.Random(0).sample(range(task.n), 25)), False)):
+        out = own_losses(task, D)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", StabilityWarning)
+            pr = sk.predict(out, D, method="sketch")
+        real = task.example_losses(retrain(task, D), torch.tensor(D))
+        covered = float(((pr.estimate - real).abs() <= 2 * pr.stderr).double().mean())
+        limit = sk.stability(out, elements=True)["safe_effective_size"]
+        flagged = float((effective_sizes(torch.tensor([len(D)]), 1.0, pr.coherence[None], task.n)[0] > limit)
+                        .double().mean())
+        if coherent:
+            assert covered < 0.5 and flagged > 0.5, (covered, flagged)
+        else:
+            assert covered >= 0.8 and flagged < 0.1, (covered, flagged)

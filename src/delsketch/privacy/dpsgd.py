@@ -38,11 +38,12 @@ class PerExampleGradientError(PrivacyError):
 
 def step_noise(seed: int, step: int, shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
     """Standard Gaussian noise for one step, a function of (seed, step) alone (float64, parameter order): one
-    draw of all the step's numbers from a generator seeded by a hash of (seed, step), split into the shapes."""
-    state = np.random.SeedSequence([int(seed), int(step), 0xD95]).generate_state(2, dtype=np.uint64)
-    gen = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+    draw of all the step's numbers from NumPy's PCG64 seeded by (seed, step), split into the shapes. (NumPy's
+    ziggurat sampler takes half the time of torch's float64 ``randn`` here, which is a visible part of a small
+    model's DP step.)"""
     sizes = [math.prod(s) for s in shapes.values()]
-    flat = torch.randn(sum(sizes), generator=gen, dtype=torch.float64)
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(step), 0xD95])))
+    flat = torch.from_numpy(rng.standard_normal(sum(sizes)))
     return {k: v.view(tuple(s)) for (k, s), v in zip(shapes.items(), flat.split(sizes))}
 
 

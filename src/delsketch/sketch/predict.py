@@ -24,7 +24,7 @@ SCHEMA = "delsketch-prediction/1"
 
 #: the fields that hold values of the output's shape (with the sets axis in front for a list of sets)
 VALUE_FIELDS = ("estimate", "base", "change", "stderr", "median_of_means", "terms", "term_stderr",
-                "by_degree_change", "by_degree_stderr", "safe_deletion_size")
+                "by_degree_change", "by_degree_stderr", "safe_deletion_size", "coherence")
 
 
 @dataclass
@@ -36,7 +36,9 @@ class Prediction:
     base), ``stderr`` (its standard error; 0 for an exact method), ``median_of_means``, ``terms`` /
     ``term_stderr`` (the per-degree Taylor terms, degree axis after the sets axis), ``by_degree_change`` /
     ``by_degree_stderr`` (the change truncated at each degree r = 0..degree: bias vs noise),
-    ``safe_deletion_size`` (per output element, from the stability diagnostics; NaN where none).
+    ``safe_deletion_size`` (per output element, from the stability diagnostics; NaN where none), ``coherence``
+    (per set and element: how many times, at least, the set's degree-1 term exceeds that of a random set of its
+    size, see :func:`coherence`; NaN where not measured).
 
     Description: ``method`` (``"sketch"``, ``"first_order"``, ``"exact"``, ``"retrain"``), ``output`` (its
     name), ``degree``, ``directions``, ``deletion_size`` (int, or a list for S sets), ``weight``, ``delta``,
@@ -67,6 +69,7 @@ class Prediction:
     notes: list = field(default_factory=list)
     cost: dict = field(default_factory=dict)
     chosen_degree: Any = None  # first_order+sketch: the truncation degree used per set and element
+    coherence: Any = None
 
     @property
     def query(self) -> str:  # the name before outputs of any shape
@@ -87,7 +90,8 @@ class Prediction:
         pick = (lambda v: v[0]) if single else (lambda v: v)
         shaped = {k: out.unflatten(pick(v)) for k, v in {
             "estimate": values, "change": values - base, "stderr": stderr, "median_of_means": values, "terms": nanK,
-            "term_stderr": nanK, "by_degree_change": nanK, "by_degree_stderr": nanK}.items()}
+            "term_stderr": nanK, "by_degree_change": nanK, "by_degree_stderr": nanK,
+            "coherence": torch.full((S, P), float("nan"), dtype=torch.float64)}.items()}
         return cls(output=out.name, method=method, base=out.unflatten(base),
                    safe_deletion_size=out.unflatten(torch.full((P,), float("nan"), dtype=torch.float64)),
                    degree=degree, directions=0, deletion_size=len(sets[0]) if single else [len(d) for d in sets],
@@ -157,13 +161,40 @@ def growing_terms(terms: torch.Tensor, se: Optional[torch.Tensor]) -> torch.Tens
     return (last > 2 * se[:, -1]) & (last >= prev)
 
 
-def summarize_safety(safe: torch.Tensor, sizes: torch.Tensor, weight: float, output: str) -> Optional[str]:
-    """One line for a whole call: how many (set, element) pairs go past the size the diagnostics support."""
-    eff = sizes.to(torch.float64) * weight * weight  # [S]
+def coherence(t1: torch.Tensor, c1: torch.Tensor, sizes: torch.Tensor, weight: float) -> torch.Tensor:
+    """How coherent each deletion set is, per output element: a lower bound (2 standard errors) on the ratio of the
+    set's degree-1 term to the RMS degree-1 term of a uniformly random deletion vector of the same norm, ``rms(c_1)
+    |W| sqrt(|D|)`` (see :func:`delsketch.sketch.stability.stability_report`). About 1 or less for a random set; up
+    to sqrt(n) for a set whose examples all push the output the same way (a class, near duplicates). ``t1`` [S, m, P]
+    per-direction degree-1 terms, ``c1`` [m, P] degree-1 coefficients; NaN with one direction."""
+    S, m, P = t1.shape
+    if m < 2:
+        return torch.full((S, P), float("nan"), dtype=torch.float64)
+    mean, se = t1.mean(1), t1.std(1, unbiased=True) / math.sqrt(m)
+    tau = (c1.abs() ** 2).mean(0).sqrt()[None, :] * abs(weight) * sizes.to(torch.float64).sqrt()[:, None]
+    lo = (mean.abs() - 2 * se).clamp_min(0)
+    return torch.where(tau > 0, lo / tau.clamp_min(1e-300), torch.zeros_like(lo))
+
+
+def effective_sizes(sizes: torch.Tensor, weight: float, coh: torch.Tensor, n: int) -> torch.Tensor:
+    """[S, P] the deletion size the safe-size check compares: W^2 |D| for a random set, scaled by coherence^2 for
+    a coherent one (its terms grow like (coherence rho sqrt(|D|))^r, not (rho sqrt(|D|))^r), at most W^2 |D| n (the
+    Cauchy-Schwarz worst case)."""
+    eff = sizes.to(torch.float64)[:, None] * weight * weight
+    k2 = torch.nan_to_num(coh, nan=1.0).clamp(1.0, math.sqrt(n)) ** 2
+    return eff * k2
+
+
+def summarize_safety(safe: torch.Tensor, eff: torch.Tensor, sizes: torch.Tensor, weight: float,
+                     output: str, safe_eff: Optional[torch.Tensor] = None) -> Optional[str]:
+    """One line for a whole call: how many (set, element) pairs go past the size the diagnostics support. ``eff``
+    [S, P]: the effective sizes (:func:`effective_sizes`), compared with ``safe_eff`` [P] (the same limit without
+    the cap at n; default ``safe``)."""
     ok = torch.isfinite(safe)
     if not bool(ok.any()):
         return None
-    over = (eff[:, None] > safe[None, :]) & ok[None, :]  # [S, P]
+    limit = safe if safe_eff is None else safe_eff
+    over = (eff > limit[None, :]) & ok[None, :]  # [S, P]
     if not bool(over.any()):
         return None
     S, P = over.shape
@@ -172,8 +203,15 @@ def summarize_safety(safe: torch.Tensor, sizes: torch.Tensor, weight: float, out
     if P > 1:
         where += f" ({int(over.sum())} of {S * P} set-element pairs)"
     biggest = int(sizes.max())
+    plain_eff = sizes.to(torch.float64)[:, None].expand_as(eff) * weight * weight
+    only = over & ~((plain_eff > safe[None, :]) & ok[None, :])  # over only because the set is coherent
+    why = "" if not bool(only.any()) else (
+        f"; {int(only.sum())} of them only because the set is coherent (its degree-1 term is at least "
+        f"{float((eff[only] / plain_eff[only]).sqrt().max()):.3g}x that of a random set of its size, so its series "
+        "behaves like that of a larger set)")
     return (f"{output}: {where} exceed the deletion size the stability diagnostics consider safe (smallest safe size "
-            f"{float(safe[ok].min()):.3g}; largest set {biggest}, weight {weight}); the truncated series may be inaccurate")
+            f"{float(safe[ok].min()):.3g}; largest set {biggest}, weight {weight}{why}); the truncated series may be "
+            "inaccurate")
 
 
 @dataclass
@@ -181,7 +219,8 @@ class Estimate:
     """The sketch's flat per-direction estimates for S sets of one output (what :func:`predict` shapes, and what
     :mod:`delsketch.sketch.answer` combines with exact terms): ``per_direction`` [S, m, K, P] terms, ``cum`` [S, m,
     K, P] their partial sums (control variates applied), ``terms``/``term_stderr`` [S, K, P], ``by_degree_stderr``
-    [S, K, P], ``base`` [P], ``safe`` [P] per-element safe sizes, the one summarized ``warning`` (not yet issued)."""
+    [S, K, P], ``base`` [P], ``safe`` [P] per-element safe sizes, ``coherence`` [S, P], the one summarized ``warning``
+    (not yet issued)."""
 
     per_direction: torch.Tensor
     cum: torch.Tensor
@@ -192,6 +231,7 @@ class Estimate:
     safe: torch.Tensor
     warning: Optional[str]
     directions: int
+    coherence: Optional[torch.Tensor] = None  # [S, P], see coherence()
 
 
 def estimate(sketch, out: Output, sets: list, weight: float, k: int, tolerance: float = 0.05,
@@ -201,7 +241,8 @@ def estimate(sketch, out: Output, sets: list, weight: float, k: int, tolerance: 
     D = deletion_matrix(sets, sketch.n, weight)
     c = sketch.coefficients(out)  # [m, K, P]
     m, P = c.shape[0], c.shape[2]
-    terms = sketch.per_direction_terms(out, D)[:, :, : k + 1]  # [S, m, K, P]
+    full = sketch.per_direction_terms(out, D)  # [S, m, K, P] at the sketch's degree
+    terms = full[:, :, : k + 1]
     cum = terms.cumsum(2)
     if control_variates:
         lean = sketch.lean(D)  # [S, m]
@@ -212,7 +253,11 @@ def estimate(sketch, out: Output, sets: list, weight: float, k: int, tolerance: 
     term_se = terms.std(1, unbiased=True) / sq if m > 1 else nan
     stab = sketch.stability(out, tolerance=tolerance, elements=True)
     safe = torch.as_tensor(stab["safe_deletion_size"], dtype=torch.float64).reshape(P)
-    warn = summarize_safety(safe, torch.tensor([len(d) for d in sets]), weight, out.name)
+    sizes = torch.tensor([len(d) for d in sets])
+    coh = coherence(full[:, :, 1], c[:, 1], sizes, weight) if full.shape[2] > 1 else \
+        torch.full((len(sets), P), float("nan"), dtype=torch.float64)
+    safe_eff = torch.as_tensor(stab["safe_effective_size"], dtype=torch.float64).reshape(P)
+    warn = summarize_safety(safe, effective_sizes(sizes, weight, coh, sketch.n), sizes, weight, out.name, safe_eff)
     growing = growing_terms(mean, term_se if m > 1 else None)  # [S, P]
     if bool(growing.any()):
         S = growing.shape[0]
@@ -222,7 +267,7 @@ def estimate(sketch, out: Output, sets: list, weight: float, k: int, tolerance: 
         warn = line if warn is None else f"{warn}; {line}"
     return Estimate(per_direction=terms, cum=cum, terms=mean, term_stderr=term_se,
                     by_degree_stderr=cum.std(1, unbiased=True) / sq if m > 1 else nan, base=c[0, 0].real, safe=safe,
-                    warning=warn, directions=m)
+                    warning=warn, directions=m, coherence=coh)
 
 
 def predict(
@@ -265,6 +310,7 @@ def predict(
         "term_stderr": est.term_stderr,
         "by_degree_change": est.cum.mean(1) - base,
         "by_degree_stderr": est.by_degree_stderr,
+        "coherence": est.coherence,
     }
     shaped = {name: out.unflatten(v[0] if single else v) for name, v in fields.items()}
     notes = []

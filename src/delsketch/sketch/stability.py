@@ -10,8 +10,9 @@ import torch
 
 from .estimate import log_binom
 
-def _safe_size(A: float, rho: float, k: int, n: int, tolerance: float) -> float:
-    """Largest s with sum_{r>k} A (rho sqrt(s))^r < tolerance (0 if none, n at most)."""
+def _safe_size(A: float, rho: float, k: int, n: int, tolerance: float, cap: float | None = None) -> float:
+    """Largest s with sum_{r>k} A (rho sqrt(s))^r < tolerance (0 if none, ``cap`` at most: default n)."""
+    cap = float(n) if cap is None else float(cap)
 
     def bound(size):
         x = rho * math.sqrt(size)
@@ -20,8 +21,8 @@ def _safe_size(A: float, rho: float, k: int, n: int, tolerance: float) -> float:
         return A * x ** (k + 1) / (1 - x)
 
     if rho <= 0:
-        return float(n)
-    lo, hi = 0.0, min(float(n), 1.0 / (rho * rho))
+        return cap
+    lo, hi = 0.0, min(cap, 1.0 / (rho * rho))
     if bound(hi * (1 - 1e-12)) < tolerance:
         return hi
     for _ in range(200):
@@ -113,14 +114,16 @@ def _fit(log_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ym - slope * rm, slope
 
 
-def safe_sizes(A: torch.Tensor, rho: torch.Tensor, k: int, n: int, tolerance: float) -> torch.Tensor:
+def safe_sizes(A: torch.Tensor, rho: torch.Tensor, k: int, n: int, tolerance: float,
+               cap: float | None = None) -> torch.Tensor:
     """Vectorized :func:`_safe_size`: the largest s with sum_{r>k} A (rho sqrt(s))^r < tolerance, for every
-    element; an element whose terms are all zero is safe at every size (n)."""
+    element; an element whose terms are all zero is safe at every size (``cap``, default n)."""
     A, rho = A.to(torch.float64), rho.to(torch.float64)
+    top = float(n) if cap is None else float(cap)
     out = torch.empty_like(A)
     for i in range(A.numel()):
         a, p = float(A.reshape(-1)[i]), float(rho.reshape(-1)[i])
-        out.reshape(-1)[i] = float(n) if a <= 1e-250 else _safe_size(a, p, k, n, tolerance)
+        out.reshape(-1)[i] = top if a <= 1e-250 else _safe_size(a, p, k, n, tolerance, top)
     return out
 
 
@@ -132,7 +135,7 @@ def element_stability(c: torch.Tensor, n: int, tolerance: float = 0.05) -> dict:
     if k < MIN_FIT_DEGREE:
         nan = torch.full((P,), float("nan"), dtype=torch.float64)
         return {"safe_deletion_size": nan, "safe_deletion_size_worst_case": nan, "decay_per_degree": nan,
-                "decay_per_degree_typical": nan}
+                "decay_per_degree_typical": nan, "safe_effective_size": nan}
     scale = torch.tensor([math.exp(log_binom(n, r)) for r in range(1, K)], dtype=torch.float64)[:, None]
     rms = (c[:, 1:].abs() ** 2).mean(0).sqrt()  # [k, P]
     zero = rms.max(0).values <= 1e-250
@@ -144,6 +147,8 @@ def element_stability(c: torch.Tensor, n: int, tolerance: float = 0.05) -> dict:
     A_n = torch.where(zero, torch.zeros_like(a_n), a_n.exp())
     return {
         "safe_deletion_size": safe_sizes(A_t, s_t.exp(), k, n, tolerance),
+        # the same limit on W^2 |D| coherence^2 (up to n^2), which predict compares coherent sets against
+        "safe_effective_size": safe_sizes(A_t, s_t.exp(), k, n, tolerance, cap=float(n) * n),
         "safe_deletion_size_worst_case": safe_sizes(A_n, s_n.exp(), k, n, tolerance),
         "decay_per_degree": torch.where(zero, torch.zeros_like(s_n), s_n.exp()),
         "decay_per_degree_typical": torch.where(zero, torch.zeros_like(s_t), s_t.exp()),

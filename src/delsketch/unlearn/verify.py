@@ -227,7 +227,8 @@ def reference(task: Task, forgotten: Sequence[int], kind: str = "retrain", sketc
                 means["test_loss"] = pred(lambda p: torch.nn.functional.cross_entropy(forward(task, p, X), y))
         for name, pr in means.items():
             predicted[name] = {"mean": float(pr.estimate), "stderr": float(pr.stderr)}
-        predicted["forget_loss"].update(per_example=per.estimate.tolist(), per_example_stderr=per.stderr.tolist())
+        predicted["forget_loss"].update(per_example=per.estimate.tolist(), per_example_stderr=per.stderr.tolist(),
+                                        warning=per.warning)
     else:
         raise UnlearnError(f"unknown reference {kind!r} (choose from: retrain, sketch)")
     seconds = time.perf_counter() - t0 if retrained is None else float(retrained[1])
@@ -301,6 +302,8 @@ def verify(task: Task, unlearned: Unlearned, forget: Optional[Sequence[int]] = N
         res["reference_note"] = ("reference = the model a deletion sketch predicts (not a real retraining); "
                                  "predicted mean losses with standard errors in reference_predicted")
         res["reference_predicted"] = {k: {kk: v[kk] for kk in ("mean", "stderr")} for k, v in ref.predicted.items()}
+        res["reference_warning"] = ref.predicted.get("forget_loss", {}).get("warning")
+    res["method_warning"] = unlearned.info.get("warning")
     res["verdict"] = _verdict(res, tolerance)
     return res
 
@@ -341,7 +344,27 @@ def _verdict(r: dict, tol: float) -> str:
     parts.append(f"KS p {r['ks']['pvalue']:.2g}")
     if r["reference"] == "sketch":
         parts.append("reference predicted by a sketch")
+        if r.get("reference_warning"):
+            parts.append("the reference is UNRELIABLE for this set: " + _why(r["reference_warning"]))
+    if r.get("method_warning"):
+        parts.append("the method warned: " + _why(r["method_warning"]))
     return "; ".join(parts)
+
+
+def _why(warning: str) -> str:
+    """A stability warning in a few words, with how many output elements it concerns (the full line is in the
+    JSON)."""
+    import re
+
+    count = re.search(r"(\d+) of (\d+) set-element pairs", warning)
+    of = f" ({count.group(1)} of {count.group(2)} outputs)" if count else ""
+    if "coherent" in warning:
+        return "the sketch's series is past its safe size for this coherent set" + of
+    if "do not decay" in warning:
+        return "the sketch's own Taylor terms for this set do not decay" + of
+    if "exceed the deletion size" in warning:
+        return "the set is larger than the sketch's safe deletion size" + of
+    return warning.split(";")[0][:120]
 
 
 ROWS = [("forget acc %", "forget_acc", True), ("forget loss", "forget_loss", False), ("retain acc %", "retain_acc", True),
