@@ -343,3 +343,20 @@ def test_references_farmed_out_to_workers_equal_serial_retraining():
         assert _same(ref.params, retrain(task, D)) and ref.forgotten == sorted(D)
     with pytest.raises(UnlearnError, match="fingerprints differ"):
         references(task, sets, task_factory=factory({**spec, "seed": 1}), workers=2)
+
+
+def test_mia_advantage_is_the_ks_statistic_and_its_chance_level():
+    # the loss-threshold advantage max_t |TPR - FPR| is the two-sample KS statistic (scipy computes it
+    # independently); under no membership signal it exceeds the reported chance level about 5 % of the time
+    import numpy as np
+    from scipy.stats import ks_2samp
+
+    from delsketch.unlearn.verify import advantage
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        a, b = rng.normal(size=50), rng.normal(0.3, 1.2, size=130)
+        assert abs(advantage(a, b) - ks_2samp(a, b).statistic) < 1e-12
+    chance = 1.358 * np.sqrt((50 + 130) / (50 * 130))
+    over = np.mean([advantage(rng.normal(size=50), rng.normal(size=130)) > chance for _ in range(2000)])
+    assert 0.02 < over < 0.08, over

@@ -73,6 +73,23 @@ def sketch_degrees(task, sk, D, p, r):
     return {"original_distance_to_retrained": dist(p, r), "rows": rows}
 
 
+def flagged_fraction(task, sk, D):
+    """Fraction of the forgotten examples' own losses that the sketch's safe-size check (coherence included) flags
+    as past what its series supports."""
+    import warnings
+
+    from delsketch.sketch.predict import effective_sizes
+    from delsketch.training.outputs import own_losses
+
+    out = own_losses(task, D)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pr = sk.predict(out, D, method="sketch")
+    limit = sk.stability(out, elements=True)["safe_effective_size"]
+    eff = effective_sizes(torch.tensor([len(D)]), 1.0, pr.coherence[None], task.n)[0]
+    return float((eff > limit).double().mean())
+
+
 def sketch_coverage(task, sk, D, p):
     """Fraction of the forget set's per-example losses, and of the parameters, that the sketch predicts within 2
     standard errors of real retraining."""
@@ -84,6 +101,8 @@ def sketch_coverage(task, sk, D, p):
     real = task.example_losses(r, torch.tensor(D))
     z = (torch.tensor(pred["per_example"]) - real) / torch.tensor(pred["per_example_stderr"])
     return {"by_degree": sketch_degrees(task, sk, D, p, r), "forget_losses_within_2se": float((z.abs() <= 2).double().mean()),
+            "forget_losses_flagged": flagged_fraction(task, sk, D),
+            "reference_warning": pred.get("warning"), "method_warning": u.info.get("warning"),
             "params_within_2se": float(cover_p.double().mean()),
             "forget_loss_mean_predicted": pred["mean"], "forget_loss_mean_stderr": pred["stderr"],
             "forget_loss_mean_retrained": float(real.mean()), "seconds_predict": round(u.seconds, 4),
@@ -100,6 +119,8 @@ def compact(v):
             "mia_advantage": mia(u, "advantage"), "mia_advantage_ref": mia(r, "advantage"),
             "mia_advantage_ci95": mia(u, "advantage_ci95"), "mia_advantage_ref_ci95": mia(r, "advantage_ci95"),
             "mia_auc": mia(u, "auc"), "mia_auc_ref": mia(r, "auc"), "ks_pvalue": v["ks"]["pvalue"],
+            "mia_advantage_pvalue": mia(u, "advantage_pvalue"), "mia_advantage_ref_pvalue": mia(r, "advantage_pvalue"),
+            "mia_advantage_chance95": mia(r, "advantage_chance95"),
             "param_distance_relative": v["param_distance_relative"], "relearn_steps": v["relearn_steps"],
             "relearn_steps_ref": v["relearn_steps_reference"], "seconds": v["cost"]["seconds"],
             "relative_seconds": v["cost"]["relative_seconds"], "retrain_equivalents": v["cost"]["retrain_equivalents"],

@@ -2,7 +2,8 @@
 
 Each step: per-example gradients g_i of the unweighted per-example losses; clip factor
 ``f_i = min(1, C / (||g_i|| + clip_eps))``; the step's gradient is
-``(sum_i (1 - w_i) f_i g_i + sigma C xi_s) / denominator`` with ``xi_s`` standard Gaussian noise drawn from a
+``(sum_i (1 - w_i) f_i g_i + sigma C xi_s) / denominator`` (computed as ``sum_i c_i g_i + (sigma C / denominator)
+xi_s`` with ``c_i = (1 - w_i) f_i / denominator``) with ``xi_s`` standard Gaussian noise drawn from a
 generator seeded by (seed, step) alone, and the denominator the expected batch size (Poisson sampling) or the
 batch's size (fixed schedule). The weight multiplies the *clipped* gradient, so ``w_i = 1`` removes example i and
 every example's contribution stays within C (|1 - w_i| <= 1).
@@ -36,14 +37,16 @@ class PerExampleGradientError(PrivacyError):
     """The task's per-example gradients cannot be computed (or an example's loss depends on other examples)."""
 
 
-def step_noise(seed: int, step: int, shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
+def step_noise(seed: int, step: int, shapes: dict[str, torch.Size], scale: float = 1.0) -> dict[str, Tensor]:
     """Standard Gaussian noise for one step, a function of (seed, step) alone (float64, parameter order): one
     draw of all the step's numbers from NumPy's PCG64 seeded by (seed, step), split into the shapes. (NumPy's
     ziggurat sampler takes half the time of torch's float64 ``randn`` here, which is a visible part of a small
-    model's DP step.)"""
+    model's DP step.) ``scale`` multiplies all of it (one pass)."""
     sizes = [math.prod(s) for s in shapes.values()]
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(step), 0xD95])))
     flat = torch.from_numpy(rng.standard_normal(sum(sizes)))
+    if scale != 1.0:
+        flat.mul_(scale)
     return {k: v.view(tuple(s)) for (k, s), v in zip(shapes.items(), flat.split(sizes))}
 
 
@@ -172,8 +175,11 @@ class DPGradient:
             a2 = (a * a).sum(1)
             term = (g * g).sum(1) * (a2 + 1 if bias is not None else a2)
             sq = term if sq is None else sq + term
-        pos = sq > 0
-        norms = torch.where(pos, sq, torch.ones_like(sq)).sqrt() * pos  # a zero gradient: norm 0, derivative 0
+        if create_graph:
+            pos = sq > 0
+            norms = torch.where(pos, sq, torch.ones_like(sq)).sqrt() * pos  # a zero gradient: norm 0, derivative 0
+        else:
+            norms = sq.sqrt()
 
         def combine(coef: Tensor) -> Params:
             out = {}
@@ -264,11 +270,13 @@ class DPGradient:
         rec["steps"] += 1
         b = len(idx)
         denom = self.denominator if self.denominator is not None else float(max(b, 1))
-        noise = step_noise(self.seed, step, {k: v.shape for k, v in params.items()}) if self.sigma > 0 else None
+        # the noise arrives scaled, sigma C / denominator (one pass over one buffer)
+        noise = step_noise(self.seed, step, {k: v.shape for k, v in params.items()}, self.sigma * self.C / denom) \
+            if self.sigma > 0 else None
         if b == 0:
             rec["empty_batches"] += 1
-            grads = {k: (self.sigma * self.C / denom) * noise[k] if noise is not None
-                     else torch.zeros(v.shape, dtype=torch.float64) for k, v in params.items()}
+            grads = {k: noise[k] if noise is not None else torch.zeros(v.shape, dtype=torch.float64)
+                     for k, v in params.items()}
             return torch.zeros((), dtype=torch.float64), grads
 
         names = list(params)
@@ -307,20 +315,16 @@ class DPGradient:
         rec["min_relative_gap"] = min(rec["min_relative_gap"], float(gap.min()))
 
         weights = None if w is None else 1 - w[idx]
+        inv = 1.0 / denom  # folded into the per-example coefficients: the gradient is sum_i coef_i g_i + noise
         if ring:
             factors = [self.C / (norms[j] + self.clip_eps) if bool(clipped[j]) else 1.0 for j in range(b)]
-            coef = [factors[j] if weights is None else factors[j] * weights[j] for j in range(b)]
+            coef = [(factors[j] if weights is None else factors[j] * weights[j]) * inv for j in range(b)]
             grads = {k: sum(coef[j] * per[k][j] for j in range(b)) for k in names}
             loss = sum(losses[j] if weights is None else losses[j] * weights[j] for j in range(b)) / denom
         else:
             factors = torch.where(clipped, self.C / (norms + self.clip_eps), torch.ones_like(norms))
-            coef = factors if weights is None else factors * weights
+            coef = (factors if weights is None else factors * weights) * inv
             grads = combine(coef) if fast is not None else {k: torch.einsum("b,b...->...", coef, per[k]) for k in names}
             loss = (losses if weights is None else losses * weights).sum() / denom
-        out = {}
-        for k in names:
-            g = grads[k]
-            if noise is not None:
-                g = g + self.sigma * self.C * noise[k]
-            out[k] = g / denom
+        out = grads if noise is None else {k: grads[k] + noise[k] for k in names}
         return loss.detach(), out

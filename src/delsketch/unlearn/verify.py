@@ -20,7 +20,10 @@ Verdict (per model): *close* when forget accuracy and MIA advantage are both wit
 the reference's and test accuracy is not more than ``tolerance`` below it; otherwise *over-unlearned* when the
 unlearned model does worse on the forgotten set than the reference (lower accuracy, or equal accuracy and higher
 loss) or lost test accuracy, *under-unlearned* when it still does better on the forgotten set. The advantage's
-bootstrap interval (``advantage_ci95``) shows how much of a gap is sampling noise."""
+bootstrap interval (``advantage_ci95``) shows how much of a gap is sampling noise; the advantage is the two-sample
+KS statistic of the member and non-member losses, so ``advantage_pvalue`` (KS test: is the attack better than
+chance?) and ``advantage_chance95`` (the level noise alone reaches 5 % of the time with these sample sizes) say
+whether a model's membership signal is distinguishable from none at all."""
 
 from __future__ import annotations
 
@@ -135,8 +138,16 @@ class _Eval:
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([0, 0x0F6E])))
         boot = [advantage(mem[rng.integers(0, len(mem), len(mem))], non[rng.integers(0, len(non), len(non))])
                 for _ in range(BOOTSTRAP)]
+        # the advantage is the two-sample Kolmogorov-Smirnov statistic of the two loss samples: its p-value says
+        # whether the attack does better than chance at all, and its 5 % critical value is the level that pure
+        # sampling noise reaches with these sample sizes (asymptotic: 1.358 sqrt((a + b) / (a b)))
+        from scipy.stats import ks_2samp
+
+        a, b = len(mem), len(non)
         return {"auc": r["auc"], "advantage": advantage(mem, non), "advantage_ci95": np.percentile(boot, [2.5, 97.5]).tolist(),
-                "members": int(len(mem)), "nonmembers": int(len(non))}
+                "advantage_pvalue": float(ks_2samp(mem, non).pvalue),
+                "advantage_chance95": float(1.358 * np.sqrt((a + b) / (a * b))),
+                "members": int(a), "nonmembers": int(b)}
 
     def relearn_steps(self, params, target: float, lr: float, max_steps: int) -> int:
         """Full-batch SGD steps on the forgotten set until its mean loss is <= ``target`` (max_steps + 1 if never)."""
