@@ -19,6 +19,7 @@ The clip is not analytic where ||g_i|| + clip_eps = C. In a ring run it follows 
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Callable, Optional
 
 import numpy as np
@@ -77,6 +78,25 @@ def _linear_layers(model) -> Optional[dict]:
     return out if out and set(out) == names else None
 
 
+#: (model, example_losses) pairs whose Linear-only path has been checked against vmap in this process: the check
+#: is a property of the model and its loss, so a later run of the same task (retraining, leave-one-out) skips it
+_CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _was_checked(model, example_losses) -> bool:
+    try:
+        return example_losses in _CHECKED.get(model, ())
+    except TypeError:  # not weak-referenceable
+        return False
+
+
+def _mark_checked(model, example_losses) -> None:
+    try:
+        _CHECKED.setdefault(model, weakref.WeakSet()).add(example_losses)
+    except TypeError:
+        pass
+
+
 class _NotRankOne(Exception):
     """The Linear-only fast path does not apply to this call (a layer used twice, inputs with extra dims...)."""
 
@@ -96,6 +116,7 @@ class DPGradient:
         self.margin = float(boundary_margin)
         self.task_name = task_name
         self._use_vmap = True
+        self._model = model
         self._linear = _linear_layers(model)  # {param name: (module, "weight"|"bias")} or None
         self._layers = [] if self._linear is None else [
             (m, n, next((k for k, (m2, kd) in self._linear.items() if m2 is m and kd == "bias"), None))
@@ -204,6 +225,8 @@ class DPGradient:
         except _NotRankOne:
             self._linear = None
             return None
+        if not self._linear_checked and _was_checked(self._model, example_losses):
+            self._linear_checked = True
         if not self._linear_checked:
             try:
                 per, ref_losses = self._vmap_grads(params, example_losses, idx, create_graph)
@@ -221,6 +244,7 @@ class DPGradient:
                 self._linear = None
                 return None
             self._linear_checked = True
+            _mark_checked(self._model, example_losses)
         return norms, losses, combine
 
     def _loop_grads(self, params: Params, example_losses: Callable, idx: Tensor, create_graph: bool):
