@@ -114,6 +114,9 @@ class Prediction:
         fields = VALUE_FIELDS + (("chosen_degree",) if self.chosen_degree is not None else ())
         for k in fields:
             v = getattr(self, k)
+            if v is None:  # a field this answer does not carry
+                obj[k] = None
+                continue
             if self.sets is None and k not in ("base",):
                 v = _map(v, lambda t: t.unsqueeze(0))
             obj[k] = jsonable(v, nulls, k)
