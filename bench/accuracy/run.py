@@ -14,13 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing as mp
 import os
 import platform
-import resource
 import sys
 import time
-import traceback
 import warnings
 from pathlib import Path
 
@@ -32,7 +29,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent))  # bench/child.py
 
+import child  # noqa: E402
 import methods  # noqa: E402
 import metrics  # noqa: E402
 import tasks as btasks  # noqa: E402
@@ -55,45 +54,12 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def rss_mb() -> float:
-    # the largest of this process and its finished children (sketch worker processes)
-    return max(resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024.0
-
-
 CHILD_MEMORY_GB = 14  # address-space limit of every forked method process (a MemoryError, not the OOM killer)
 
 
 def in_child(fn, *args):
-    """Run fn(*args) in a forked process; return (result, seconds, peak RSS MB of that process)."""
-    import queue as _queue
-
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-
-    def target():
-        torch.set_num_threads(1)
-        lim = int(CHILD_MEMORY_GB * 2**30)
-        resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
-        t0 = time.perf_counter()
-        try:
-            res = fn(*args)
-            q.put(("ok", res, time.perf_counter() - t0, rss_mb()))
-        except BaseException as e:  # noqa: BLE001 - reported to the parent
-            q.put(("err", f"{type(e).__name__}: {e}\n{traceback.format_exc()}", time.perf_counter() - t0, rss_mb()))
-
-    p = ctx.Process(target=target)
-    p.start()
-    while True:
-        try:
-            status, res, dt, rss = q.get(timeout=5)
-            break
-        except _queue.Empty:
-            if not p.is_alive():
-                raise RuntimeError(f"the method's process died (exit code {p.exitcode})") from None
-    p.join()
-    if status != "ok":
-        raise RuntimeError(res)
-    return res, dt, rss
+    """fn(*args) in a forked process with the memory limit: (result, seconds, peak RSS MiB), see bench/child.py."""
+    return child.in_child(fn, *args, memory_gb=CHILD_MEMORY_GB)
 
 
 # ------------------------------------------------------------------------------------------------ tasks

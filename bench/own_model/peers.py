@@ -43,7 +43,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 ACC = ROOT / "bench" / "accuracy"
 sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent))  # bench/child.py
 
+import child  # noqa: E402
 import run as own_run  # noqa: E402  (bench/own_model/run.py: deletion_sets, metrics)
 import task as own  # noqa: E402
 from delsketch.io import jsonable  # noqa: E402
@@ -70,34 +72,8 @@ acc_peers = _load("accuracy_peers", ACC / "peers.py")
 
 def in_child(fn, *args):
     """fn(*args) in a forked process (kronfluence wraps the model's modules in place; every peer gets a fresh
-    copy of the task), one thread; returns (result, seconds)."""
-    import multiprocessing as mp
-    import queue as _queue
-    import traceback
-
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-
-    def target():
-        torch.set_num_threads(1)
-        t0 = time.perf_counter()
-        try:
-            q.put(("ok", fn(*args), time.perf_counter() - t0))
-        except BaseException as e:  # noqa: BLE001 - reported to the parent
-            q.put(("err", f"{type(e).__name__}: {e}\n{traceback.format_exc()}", time.perf_counter() - t0))
-
-    p = ctx.Process(target=target)
-    p.start()
-    while True:
-        try:
-            status, res, dt = q.get(timeout=5)
-            break
-        except _queue.Empty:
-            if not p.is_alive():
-                raise RuntimeError(f"the peer's process died (exit code {p.exitcode})") from None
-    p.join()
-    if status != "ok":
-        raise RuntimeError(res)
+    copy of the task), one thread; returns (result, seconds). See bench/child.py."""
+    res, dt, _ = child.in_child(fn, *args, what="peer")
     return res, dt
 
 
