@@ -794,30 +794,41 @@ def _add(a, b, alpha=1):
     return _wrap(_add_const(bc, a))
 
 
-def _add_const(c: torch.Tensor, k) -> torch.Tensor:
-    """c + k where k is a plain tensor or scalar entering the degree-0 coefficient only."""
+def _add_const(c: torch.Tensor, k, fresh: bool = False) -> torch.Tensor:
+    """c + k where k is a plain tensor or scalar entering the degree-0 coefficient only. ``fresh``: c is a
+    temporary of the calling rule, updated in place when it is contiguous and already of the result's shape
+    (saves a copy of the whole series, e.g. in 1 - s)."""
     if isinstance(k, torch.Tensor):
         c = _fit(c, k.dim())
         shape = torch.broadcast_shapes(c.shape[2:], k.shape)
         if tuple(shape) != tuple(c.shape[2:]):
             c = c.expand(*c.shape[:2], *shape)
-    out = c.contiguous().clone() if c.data_ptr() == c.contiguous().data_ptr() else c.contiguous()
+    if fresh and c.is_contiguous():
+        out = c
+    else:
+        out = c.contiguous().clone() if c.data_ptr() == c.contiguous().data_ptr() else c.contiguous()
     out[:, 0] = out[:, 0] + k
     return out
 
 
 @rule(aten.sub.Tensor, aten.sub.Scalar)
 def _sub(a, b, alpha=1):
+    """a - alpha b, one pass over the coefficients (no negated temporary)."""
     if isinstance(b, Series):
-        return _add(a, _neg(b), alpha)
+        if isinstance(a, Series):
+            _K_of(a, b)
+            nd = _logical_nd(a, b)
+            ac, bc = _fit(a._c, nd), _fit(b._c, nd)
+            return _wrap(ac - bc * alpha if alpha != 1 else ac - bc)
+        nb = b._c * (-alpha) if alpha != 1 else torch.neg(b._c)  # a new tensor: the constant goes in in place
+        return _wrap(_add_const(nb, a, fresh=True))
     return _add(a, -b if not isinstance(b, torch.Tensor) else torch.neg(b), alpha)
 
 
 @rule(aten.rsub.Tensor, aten.rsub.Scalar)
 def _rsub(a, b, alpha=1):
     # b - alpha * a
-    na = _neg(a) if isinstance(a, Series) else -a
-    return _add(b, na, alpha)
+    return _sub(b, a, alpha)
 
 
 @rule(aten.mul.Tensor, aten.mul.Scalar)
