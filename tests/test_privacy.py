@@ -427,6 +427,7 @@ def test_linear_only_path_equals_vmap():
     # (coef g)^T a, against vmapped per-example gradients: the whole run (clipping, deletion weights, noise),
     # and reverse mode through it (first_order)
     task, model, X, y = small_task(n=40, batch=8, steps=8)
+    before = train(task)
     dp = DP(noise_multiplier=0.5, max_grad_norm=1.6, delta=1e-3, seed=3)  # clips 33 of 73 example-steps
     lin, ref = make_private(task, dp), make_private(task, dp)
     ref.gradient._linear = None
@@ -445,6 +446,9 @@ def test_linear_only_path_equals_vmap():
     E1, E2 = first_order(lin, [probe]), first_order(ref, [probe])
     assert lin.gradient.path == "linear"
     assert torch.allclose(E1, E2, rtol=0, atol=1e-12) and float(E1.abs().max()) > 1e-3
+    # the recording forwards are gone again: a plain run of the same model is the plain run it was before
+    assert all("forward" not in vars(mod) and not mod._forward_hooks for mod in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in train(task).items())
 
 
 def test_linear_only_path_steps_aside_where_it_does_not_apply():
@@ -465,7 +469,19 @@ def test_linear_only_path_steps_aside_where_it_does_not_apply():
         def forward(self, x):
             return self.a(x) * self.s
 
-    for m in (Twice(), Scaled()):
+    class Doubled(nn.Linear):  # a Linear subclass with its own forward: recorded by a hook, then the check
+        def forward(self, x):  # against vmap finds the rank-1 formula wrong for it
+            return 2 * super().forward(x)
+
+    class WithDoubled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = Doubled(6, 6).double(), nn.Linear(6, 3).double()
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    for m in (Twice(), Scaled(), WithDoubled()):
         torch.manual_seed(0)
         task, *_ = small_task(steps=4, model=m)
         dp = DP(noise_multiplier=0.5, max_grad_norm=0.3, delta=1e-3)
@@ -475,6 +491,8 @@ def test_linear_only_path_steps_aside_where_it_does_not_apply():
         assert t.gradient.path == "vmap"
         for k in a:
             assert torch.allclose(a[k], b[k], rtol=0, atol=1e-13), k
+        # nothing of the recording is left on the model: no instance-level forward, no hook
+        assert all("forward" not in vars(mod) and not mod._forward_hooks for mod in m.modules())
 
 
 def test_workers_rebuild_the_private_task(tmp_path):

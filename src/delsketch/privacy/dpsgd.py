@@ -157,7 +157,8 @@ class DPGradient:
 
     def _linear_grads(self, params: Params, example_losses: Callable, idx: Tensor, create_graph: bool):
         """Per-example gradient norms of a Linear-only model without per-example gradients: one batch forward
-        recording every Linear's input ``a`` [b, in] and output, one backward to the outputs giving ``g`` [b, out]
+        recording every Linear's input ``a`` [b, in] and output (a plain ``nn.Linear`` through an instance-level
+        ``forward``, removed afterwards; a subclass through a forward hook), one backward to the outputs giving ``g`` [b, out]
         (``g_i = d loss_i / d out_i`` for batch-independent losses). Example i's weight gradient is the rank-1
         ``g_i a_i^T`` with norm ``||g_i|| ||a_i||``, its bias gradient ``g_i``. Returns (norms [b], losses [b],
         ``combine(coef) -> {name: sum_i coef_i grad_i}``, computed as ``(coef * g)^T a``)."""
@@ -167,17 +168,33 @@ class DPGradient:
         layers = self._layers  # [(module, weight name, bias name or None)]
         seen: dict[int, tuple[Tensor, Tensor]] = {}
 
-        def hook(mod, inputs, output):
+        def record(mod, inp, output):
             if id(mod) in seen:
                 raise _NotRankOne("a Linear layer is applied more than once")
-            seen[id(mod)] = (inputs[0], output)
+            seen[id(mod)] = (inp, output)
 
-        handles = [m.register_forward_hook(hook) for m, _, _ in layers]
+        def recording_forward(mod):
+            def forward(inp):
+                out = torch.nn.functional.linear(inp, mod.weight, mod.bias)
+                record(mod, inp, out)
+                return out
+            return forward
+
+        # a plain nn.Linear records through an instance-level forward (a forward hook would put every module call
+        # on torch's slow path, a visible part of a small model's step); a subclass with its own forward, through
+        # a hook
+        plain = [m for m, _, _ in layers if type(m).forward is torch.nn.Linear.forward and "forward" not in vars(m)]
+        handles = [m.register_forward_hook(lambda mod, i, o: record(mod, i[0], o))
+                   for m, _, _ in layers if not any(m is q for q in plain)]
+        for m in plain:
+            m.forward = recording_forward(m)
         try:
             p = params if create_graph else {k: v.detach().requires_grad_(True) for k, v in params.items()}
             with torch.enable_grad():
                 losses = example_losses(p, idx)
         finally:
+            for m in plain:
+                del m.forward
             for h in handles:
                 h.remove()
         if tuple(losses.shape) != (b,) or len(seen) != len(layers):
