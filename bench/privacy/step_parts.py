@@ -52,7 +52,7 @@ def main() -> int:
     grads = weighted_sum()[0]
     noise = step_noise(0, 3, shapes, sigma * G.C / denom)
     parts = {
-        "linear path: forward with hooks, backward to layer outputs, per-example norms": best(
+        "linear path: forward recording the Linear layers, backward to their outputs, per-example norms": best(
             lambda: G._fast(params, el, idx, False)),
         "clip factors and weighted sum (coef * g)^T a": best(weighted_sum),
         "noise (one PCG64 draw, scaled)": best(lambda: step_noise(0, 3, shapes, sigma * G.C / denom)),
