@@ -352,7 +352,6 @@ def test_coherent_sets_are_flagged_where_the_sketch_misses_retraining(tmp_path):
     # most of its examples; a random set of half the size is covered and not flagged
     import random as _random
 
-    from delsketch.sketch.predict import effective_sizes
     from delsketch.training import retrain
     from delsketch.training.outputs import own_losses
 
@@ -365,9 +364,7 @@ def test_coherent_sets_are_flagged_where_the_sketch_misses_retraining(tmp_path):
             pr = sk.predict(out, D, method="sketch")
         real = task.example_losses(retrain(task, D), torch.tensor(D))
         covered = float(((pr.estimate - real).abs() <= 2 * pr.stderr).double().mean())
-        limit = sk.stability(out, elements=True)["safe_effective_size"]
-        flagged = float((effective_sizes(torch.tensor([len(D)]), 1.0, pr.coherence[None], task.n)[0] > limit)
-                        .double().mean())
+        flagged = float(pr.beyond_safe_size.double().mean())
         if coherent:
             assert covered < 0.5 and flagged > 0.5, (covered, flagged)
         else:

@@ -78,16 +78,12 @@ def flagged_fraction(task, sk, D):
     as past what its series supports."""
     import warnings
 
-    from delsketch.sketch.predict import effective_sizes
     from delsketch.training.outputs import own_losses
 
-    out = own_losses(task, D)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pr = sk.predict(out, D, method="sketch")
-    limit = sk.stability(out, elements=True)["safe_effective_size"]
-    eff = effective_sizes(torch.tensor([len(D)]), 1.0, pr.coherence[None], task.n)[0]
-    return float((eff > limit).double().mean())
+        pr = sk.predict(own_losses(task, D), D, method="sketch")
+    return float(pr.beyond_safe_size.double().mean())
 
 
 def sketch_coverage(task, sk, D, p):

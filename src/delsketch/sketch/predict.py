@@ -24,7 +24,7 @@ SCHEMA = "delsketch-prediction/1"
 
 #: the fields that hold values of the output's shape (with the sets axis in front for a list of sets)
 VALUE_FIELDS = ("estimate", "base", "change", "stderr", "median_of_means", "terms", "term_stderr",
-                "by_degree_change", "by_degree_stderr", "safe_deletion_size", "coherence")
+                "by_degree_change", "by_degree_stderr", "safe_deletion_size", "coherence", "beyond_safe_size")
 
 
 @dataclass
@@ -38,7 +38,8 @@ class Prediction:
     ``by_degree_stderr`` (the change truncated at each degree r = 0..degree: bias vs noise),
     ``safe_deletion_size`` (per output element, from the stability diagnostics; NaN where none), ``coherence``
     (per set and element: how many times, at least, the set's degree-1 term exceeds that of a random set of its
-    size, see :func:`coherence`; NaN where not measured).
+    size, see :func:`coherence`; NaN where not measured), ``beyond_safe_size`` (per set and element: past the size
+    the stability diagnostics support, coherence included; what the warning counts; None where not checked).
 
     Description: ``method`` (``"sketch"``, ``"first_order"``, ``"exact"``, ``"retrain"``), ``output`` (its
     name), ``degree``, ``directions``, ``deletion_size`` (int, or a list for S sets), ``weight``, ``delta``,
@@ -70,6 +71,7 @@ class Prediction:
     cost: dict = field(default_factory=dict)
     chosen_degree: Any = None  # first_order+sketch: the truncation degree used per set and element
     coherence: Any = None
+    beyond_safe_size: Any = None
 
     @property
     def query(self) -> str:  # the name before outputs of any shape
@@ -188,16 +190,19 @@ def effective_sizes(sizes: torch.Tensor, weight: float, coh: torch.Tensor, n: in
     return eff * k2
 
 
-def summarize_safety(safe: torch.Tensor, eff: torch.Tensor, sizes: torch.Tensor, weight: float,
-                     output: str, safe_eff: Optional[torch.Tensor] = None) -> Optional[str]:
-    """One line for a whole call: how many (set, element) pairs go past the size the diagnostics support. ``eff``
-    [S, P]: the effective sizes (:func:`effective_sizes`), compared with ``safe_eff`` [P] (the same limit without
-    the cap at n; default ``safe``)."""
-    ok = torch.isfinite(safe)
-    if not bool(ok.any()):
-        return None
+def beyond_safe(safe: torch.Tensor, eff: torch.Tensor, safe_eff: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[S, P]: which (set, element) pairs go past the size the diagnostics support. ``eff`` [S, P]: the effective
+    sizes (:func:`effective_sizes`), compared with ``safe_eff`` [P] (the same limit without the cap at n; default
+    ``safe``); False where the safe size is unknown."""
     limit = safe if safe_eff is None else safe_eff
-    over = (eff > limit[None, :]) & ok[None, :]  # [S, P]
+    return (eff > limit[None, :]) & torch.isfinite(safe)[None, :]
+
+
+def summarize_safety(safe: torch.Tensor, eff: torch.Tensor, over: torch.Tensor, sizes: torch.Tensor, weight: float,
+                     output: str) -> Optional[str]:
+    """One line for a whole call: how many (set, element) pairs go past the size the diagnostics support (``over``,
+    from :func:`beyond_safe`; ``eff`` the effective sizes)."""
+    ok = torch.isfinite(safe)
     if not bool(over.any()):
         return None
     S, P = over.shape
@@ -207,7 +212,7 @@ def summarize_safety(safe: torch.Tensor, eff: torch.Tensor, sizes: torch.Tensor,
         where += f" ({int(over.sum())} of {S * P} set-element pairs)"
     biggest = int(sizes.max())
     plain_eff = sizes.to(torch.float64)[:, None].expand_as(eff) * weight * weight
-    only = over & ~((plain_eff > safe[None, :]) & ok[None, :])  # over only because the set is coherent
+    only = over & ~beyond_safe(safe, plain_eff)  # over only because the set is coherent
     why = "" if not bool(only.any()) else (
         f"; {int(only.sum())} of them only because the set is coherent (its degree-1 term is at least "
         f"{float((eff[only] / plain_eff[only]).sqrt().max()):.3g}x that of a random set of its size, so its series "
@@ -222,8 +227,8 @@ class Estimate:
     """The sketch's flat per-direction estimates for S sets of one output (what :func:`predict` shapes, and what
     :mod:`delsketch.sketch.answer` combines with exact terms): ``per_direction`` [S, m, K, P] terms, ``cum`` [S, m,
     K, P] their partial sums (control variates applied), ``terms``/``term_stderr`` [S, K, P], ``by_degree_stderr``
-    [S, K, P], ``base`` [P], ``safe`` [P] per-element safe sizes, ``coherence`` [S, P], the one summarized ``warning``
-    (not yet issued)."""
+    [S, K, P], ``base`` [P], ``safe`` [P] per-element safe sizes, ``coherence`` [S, P], ``beyond_safe_size`` [S, P],
+    the one summarized ``warning`` (not yet issued)."""
 
     per_direction: torch.Tensor
     cum: torch.Tensor
@@ -235,6 +240,7 @@ class Estimate:
     warning: Optional[str]
     directions: int
     coherence: Optional[torch.Tensor] = None  # [S, P], see coherence()
+    beyond_safe_size: Optional[torch.Tensor] = None  # [S, P] bool, see beyond_safe()
 
 
 def estimate(sketch, out: Output, sets: list, weight: float, k: int, tolerance: float = 0.05,
@@ -260,7 +266,9 @@ def estimate(sketch, out: Output, sets: list, weight: float, k: int, tolerance: 
     coh = coherence(full[:, :, 1], c[:, 1], sizes, weight) if full.shape[2] > 1 else \
         torch.full((len(sets), P), float("nan"), dtype=torch.float64)
     safe_eff = torch.as_tensor(stab["safe_effective_size"], dtype=torch.float64).reshape(P)
-    warn = summarize_safety(safe, effective_sizes(sizes, weight, coh, sketch.n), sizes, weight, out.name, safe_eff)
+    eff = effective_sizes(sizes, weight, coh, sketch.n)
+    over = beyond_safe(safe, eff, safe_eff)
+    warn = summarize_safety(safe, eff, over, sizes, weight, out.name)
     growing = growing_terms(mean, term_se if m > 1 else None)  # [S, P]
     if bool(growing.any()):
         S = growing.shape[0]
@@ -270,7 +278,7 @@ def estimate(sketch, out: Output, sets: list, weight: float, k: int, tolerance: 
         warn = line if warn is None else f"{warn}; {line}"
     return Estimate(per_direction=terms, cum=cum, terms=mean, term_stderr=term_se,
                     by_degree_stderr=cum.std(1, unbiased=True) / sq if m > 1 else nan, base=c[0, 0].real, safe=safe,
-                    warning=warn, directions=m, coherence=coh)
+                    warning=warn, directions=m, coherence=coh, beyond_safe_size=over)
 
 
 def predict(
@@ -314,6 +322,7 @@ def predict(
         "by_degree_change": est.cum.mean(1) - base,
         "by_degree_stderr": est.by_degree_stderr,
         "coherence": est.coherence,
+        "beyond_safe_size": est.beyond_safe_size,
     }
     shaped = {name: out.unflatten(v[0] if single else v) for name, v in fields.items()}
     notes = []

@@ -145,10 +145,16 @@ def element_stability(c: torch.Tensor, n: int, tolerance: float = 0.05) -> dict:
     a_n, s_n = _fit(log_norm)
     A_t = torch.where(zero, torch.zeros_like(a_t), a_t.exp())
     A_n = torch.where(zero, torch.zeros_like(a_n), a_n.exp())
+    safe = safe_sizes(A_t, s_t.exp(), k, n, tolerance)
+    # the same limit on W^2 |D| coherence^2 (up to n^2), which predict compares coherent sets against: it differs
+    # from the safe size only where that one stopped at its cap n
+    eff = safe.clone()
+    at_cap = safe >= n
+    if bool(at_cap.any()):
+        eff[at_cap] = safe_sizes(A_t[at_cap], s_t.exp()[at_cap], k, n, tolerance, cap=float(n) * n)
     return {
-        "safe_deletion_size": safe_sizes(A_t, s_t.exp(), k, n, tolerance),
-        # the same limit on W^2 |D| coherence^2 (up to n^2), which predict compares coherent sets against
-        "safe_effective_size": safe_sizes(A_t, s_t.exp(), k, n, tolerance, cap=float(n) * n),
+        "safe_deletion_size": safe,
+        "safe_effective_size": eff,
         "safe_deletion_size_worst_case": safe_sizes(A_n, s_n.exp(), k, n, tolerance),
         "decay_per_degree": torch.where(zero, torch.zeros_like(s_n), s_n.exp()),
         "decay_per_degree_typical": torch.where(zero, torch.zeros_like(s_t), s_t.exp()),
