@@ -146,6 +146,17 @@ def test_unary_vs_jvp(name, kern, ref, rng, mode):
     assert got.imag.abs().max().item() == 0.0  # real coefficients in, real out
 
 
+@pytest.mark.parametrize("name,kern,ref,rng", UNARY, ids=[u[0] for u in UNARY])
+def test_unary_shared_degree0_vs_jvp(name, kern, ref, rng):
+    """The engine's case: the degree-0 coefficient is the same in every direction (evaluated once, then broadcast)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()) + 1)
+    x = path_coeffs(gen, M, K5, SHAPE, *(rng or (None, None)))
+    x[1:, 0] = x[0, 0]
+    got = kern(cs(x))
+    assert got.shape == x.shape
+    assert_series_close(got, jvp_taylor(ref, x), 1e-12, name)
+
+
 def test_unary_large_arguments_vs_jvp(mode):
     """Moderately large |x_0| against jvp, and finiteness far out (|x_0| = 40)."""
     x = torch.zeros(1, K5, 6, dtype=DT)
@@ -192,9 +203,15 @@ def test_saturated_arguments_vs_mpmath(name, kern, fmp, points):
             assert abs(got[k] - ref[k]) <= 1e-12 * abs(ref[k]), (name, x0, k, complex(got[k]), ref[k])
 
 
+def _silu_backward_formula(g, x):
+    s = torch.sigmoid(x)
+    return g * s * (1 + x * (1 - s))
+
+
 BINARY = [
     ("mul", R.mul, torch.mul, None),
     ("div", R.div, torch.div, (0.5, 2.0)),
+    ("silu_backward", R.silu_backward, _silu_backward_formula, None),
 ]
 
 

@@ -1,5 +1,6 @@
 """delsketch: predict what a trained PyTorch model would do had it never seen some training examples."""
 
+from . import _alloc  # noqa: F401  (first: it asks for huge pages before torch is imported)
 from .version import __version__  # noqa: E402,F401
 
 from .series import Series, SeriesDomainError, UnsupportedOpError  # noqa: E402

@@ -85,6 +85,7 @@ __all__ = [
     "gelu",
     "gelu_tanh",
     "silu",
+    "silu_backward",
     "compose",
     "truncate",
     "constant",
@@ -147,10 +148,14 @@ def apply0(x: torch.Tensor, *fns, positive: bool = False) -> tuple:
 
     When x is complex with zero imaginary part -- the common case: the engine's
     degree-0 coefficients are the plain run -- they are evaluated on the real
-    part, 5-10x faster than complex exp/tanh/sqrt/... on CPU.  ``positive``:
-    the functions are real only on the positive real axis (log, powers), so
-    the shortcut also needs x > 0.
+    part, 5-10x faster than complex exp/tanh/sqrt/... on CPU.  When x [m, *s]
+    holds the same value in all m directions (the engine's case again) they
+    are evaluated once, on x[:1], and the results have shape [1, *s]
+    (broadcastable like a coefficient; one comparison pass instead of m
+    evaluations).  ``positive``: the functions are real only on the positive
+    real axis (log, powers), so the shortcut also needs x > 0.
     """
+    x = _shared0(x)
     if x.is_complex():
         off = (x.imag != 0) | (x.real <= 0) if positive else x.imag != 0
         if not bool(off.any()):
@@ -424,28 +429,55 @@ def _bilinear_real0(op, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _matmul_real0(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """bilinear(torch.matmul, a, b) for a, b of equal rank >= 4 and a real degree-0 coefficient of a.
 
-    The products a_0 b_k (k = 0..K-1) are one matmul with a_0 entering with
-    m = 1 when it is the same in all directions.  When the rows of b are
-    contiguous it is a real matmul against b viewed as real [.., q, 2n] (no
-    copy): half the flops, and 2-3x faster than the K complex matmuls it
-    replaces.  (A column-major b cannot be split into real and imaginary
-    parts without a slow transposing copy, so there it stays complex.)  The
-    other K(K-1)/2 products are K-1 complex matmuls, see :func:`_matmul_rest`.
+    The products a_0 b_k are one matmul with a_0 entering with m = 1 when it
+    is the same in all directions.  When the rows of b are contiguous it is a
+    real matmul against b viewed as real [.., q, 2n] (no copy): half the
+    flops of the complex matmuls it replaces.  (A column-major b cannot be
+    split into real and imaginary parts without a slow transposing copy, so
+    there it stays complex.)  When b_0 is real too (the engine's case), a_0 b_0
+    is one real matmul (once, when both are shared by all directions) and the
+    products a_k b_0 (k >= 1) one real matmul of b_0 against the real and
+    imaginary parts of a_1..a_{K-1} stacked as rows (one copy of a): the
+    Cauchy matmul then costs 4(K-1) + 4(K-1)(K-2)/2 real matmuls per
+    direction instead of 2K + 4K(K-1)/2 (degree 1: 4 instead of 8; degree 3:
+    24 instead of 32).  The products without a degree-0 factor are complex
+    matmuls, see :func:`_matmul_rest`.
     """
     M = max(a.shape[0], b.shape[0])
+    K = a.shape[1]
     a0 = _shared0(a[:, 0].real).unsqueeze(1)  # [m or 1, 1, .., p, q]
+    b0_real = _real0(b)
     if b.stride(-1) != 1 and a0[0].numel() > a0.shape[-1] * a0.shape[-2] and b.numel() < a.numel():
         # a complex a_0 would be expanded over b's batch axes by matmul (a copy of a's size);
         # when b is smaller, copying b into row-major order is the cheaper copy
         b = b.contiguous()
-    if b.stride(-1) == 1:
-        r = torch.matmul(a0.contiguous(), torch.view_as_real(b).flatten(-2))  # [., K, .., p, 2n]
-        out = torch.view_as_complex(r.unflatten(-1, (-1, 2)))
+    bk = b[:, 1:] if b0_real else b  # with a real b_0, a_0 b_0 is computed apart (real, maybe shared)
+    if bk.stride(-1) == 1:
+        r = torch.matmul(a0.contiguous(), torch.view_as_real(bk).flatten(-2))  # [., K', .., p, 2n]
+        a0bk = torch.view_as_complex(r.unflatten(-1, (-1, 2)))
     else:
-        out = torch.matmul(a0.to(b.dtype), b)
-    if out.shape[0] != M:
-        out = out.expand((M,) + tuple(out.shape[1:])).contiguous()
-    _matmul_rest(out, a, b)
+        a0bk = torch.matmul(a0.to(b.dtype), bk)
+    if not b0_real:
+        out = a0bk if a0bk.shape[0] == M else a0bk.expand((M,) + tuple(a0bk.shape[1:])).contiguous()
+        _matmul_rest(out, a, b)
+        return out
+    b0 = _shared0(b[:, 0].real)  # [m or 1, .., q, n]
+    batch = torch.broadcast_shapes(a.shape[2:-2], b.shape[2:-2])
+    out = torch.empty((M, K) + tuple(batch) + (a.shape[-2], b.shape[-1]), dtype=a0bk.dtype, device=a.device)
+    o0 = torch.view_as_real(out[:, 0])
+    o0[..., 0].copy_(torch.matmul(a0[:, 0], b0))
+    o0[..., 1].zero_()
+    # a_k b_0: rows [Re a_k; Im a_k] (one copy of a_1..a_{K-1}) times b_0, one gemm when b_0 is one matrix
+    p = a.shape[-2]
+    ar = torch.view_as_real(a[:, 1:]).movedim(-1, -3).flatten(-3, -2)  # [ma, K-1, .., 2p, q]
+    if b0.shape[0] == 1 and b0.dim() == 3:
+        akb0 = torch.matmul(ar.reshape(-1, ar.shape[-1]), b0[0]).view(ar.shape[:-1] + (b0.shape[-1],))
+    else:
+        akb0 = torch.matmul(ar, b0.unsqueeze(1))
+    akb0 = akb0.unflatten(-2, (2, p)).movedim(-3, -1)  # [ma, K-1, .., p, n, 2]
+    torch.add(torch.view_as_real(a0bk), akb0, out=torch.view_as_real(out[:, 1:]))
+    del a0bk, akb0, ar
+    _matmul_rest(out, a, b, skip_b0=True)
     return out
 
 
@@ -454,8 +486,8 @@ def _col_major(x: torch.Tensor) -> bool:
     return x.stride(-2) == 1 and x.stride(-1) != 1
 
 
-def _matmul_rest(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """out[:, k] += sum_{j=1..k} a_j b_{k-j} for k >= 1, as K-1 complex matmuls.
+def _matmul_rest(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, skip_b0: bool = False) -> None:
+    """out[:, k] += sum_{j=1..k} a_j b_{k-j} for k >= 1, as K-1 complex matmuls (``skip_b0``: j < k only).
 
     The k products are one matmul with a k times longer inner dimension: the
     blocks a_j side by side ([.., p, k q]) times the blocks b_{k-j} stacked
@@ -467,45 +499,48 @@ def _matmul_rest(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     larger than that, the products are done one by one instead.
     """
     K = a.shape[1]
-    if K == 1:
+    lo = 2 if skip_b0 else 1  # the first k with a product left
+    if K <= lo:
         return
+    s = 1 if skip_b0 else 0  # products a_j b_{k-j} with k - j >= s
     q = a.shape[-1]
     at = a.mT
     a_t = _col_major(a)  # x_k = [a_1 .. a_k] from a^T's row blocks, y_k = [b_{k-1}; ..; b_0]; else reversed
     x_view = a_t and a.dim() == 4 and at.stride(1) == q * at.stride(-2)
     y_view = not a_t and b.dim() == 4 and not _col_major(b) and b.stride(1) == q * b.stride(-2)
-    copies = (0 if x_view else a[:, 1:].numel()) + (0 if y_view else b[:, 1:].numel())
+    copies = (0 if x_view else a[:, 1 : K - s].numel()) + (0 if y_view else b[:, s : K - 1].numel())
     if a.dim() == 4 and copies > (K - 1) * (K - 2) // 2 * out[:, 0].numel():
         # (for rank > 4, matmul copies every coefficient it is given anyway: its batch axes do not merge)
-        for k in range(1, K):
+        for k in range(lo, K):
             ok = out[:, k]
-            for j in range(1, k + 1):
+            for j in range(1, k + 1 - s):
                 ok += torch.matmul(a[:, j], b[:, k - j])
         return
     if a_t:
-        xs = at[:, 1:] if x_view else torch.stack([at[:, j] for j in range(1, K)], dim=-3)  # [.., K-1, q, p]
-        xk = lambda k: xs[..., :k, :, :].flatten(-3, -2).mT  # noqa: E731
-        ys = _row_blocks(b, range(K - 2, -1, -1), False)
-        yk = lambda k: ys(K - 1 - k, K - 1)  # noqa: E731
+        xs = at[:, 1:] if x_view else torch.stack([at[:, j] for j in range(1, K - s)], dim=-3)  # [.., K-1-s, q, p]
+        xk = lambda k: xs[..., : k - s, :, :].flatten(-3, -2).mT  # noqa: E731
+        ys = _row_blocks(b, range(K - 2, s - 1, -1), False)  # b_{K-2} .. b_s
+        yk = lambda k: ys(K - 1 - k, K - 1 - s)  # noqa: E731
     else:
-        xs = torch.stack([a[:, j] for j in range(K - 1, 0, -1)], dim=-2)  # [.., p, K-1, q]
+        xs = torch.stack([a[:, j] for j in range(K - 1 - s, 0, -1)], dim=-2)  # [.., p, K-1-s, q]: a_{K-1-s} .. a_1
         xk = lambda k: xs[..., K - 1 - k :, :].flatten(-2)  # noqa: E731
-        ys = _row_blocks(b, range(K - 1), y_view)
-        yk = lambda k: ys(0, k)  # noqa: E731
-    for k in range(1, K):
+        ys = _row_blocks(b, range(s, K - 1), y_view)  # b_s .. b_{K-2}
+        yk = lambda k: ys(0, k - s)  # noqa: E731
+    for k in range(lo, K):
         out[:, k] += torch.matmul(xk(k), yk(k))
 
 
 def _row_blocks(b: torch.Tensor, order, view: bool) -> Callable[[int, int], torch.Tensor]:
     """f(i, j): the coefficients b[:, order[i:j]] stacked as row blocks, a [.., (j-i) q, n] matrix.
 
-    ``view``: order is 0, 1, ... and b is a 4-D series whose coefficients are
+    ``view``: order is o, o+1, ... and b is a 4-D series whose coefficients are
     already stacked like that in memory.  Otherwise one copy of the listed
     coefficients, from b's row-major or column-major storage as it is.
     """
-    if view:
-        return lambda i, j: b[:, i:j].flatten(1, 2)
     order = list(order)
+    if view:
+        o = order[0]
+        return lambda i, j: b[:, o + i : o + j].flatten(1, 2)
     if _col_major(b):
         # stacked rows of b = side-by-side columns of b^T: copy the row-major b^T blocks side by side
         bt = torch.stack([b[:, i].mT for i in order], dim=-2)  # [.., n, len, q]
@@ -724,41 +759,46 @@ def compose(u: torch.Tensor, f0: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return v
 
 
-def _riccati(u: torch.Tensor, v0: torch.Tensor, g0: torch.Tensor, c1: float) -> torch.Tensor:
-    """v with v' = u' g, g = c0 + c1 v - v^2 (g_0 = g0 given, computed stably by the caller)."""
+def _riccati(u: torch.Tensor, v0: torch.Tensor, g0: torch.Tensor, c1: float, with_g: bool = False):
+    """v with v' = u' g, g = c0 + c1 v - v^2 (g_0 = g0 given, computed stably by the caller).
+
+    ``with_g``: return (v, g) with all K coefficients of g = f'(u) too (one more step of its recurrence).
+    """
     K = u.shape[1]
     v = _new_like0(u, v0)
-    if K == 1:
-        return v
-    g = torch.empty((u.shape[0], K - 1) + tuple(u.shape[2:]), dtype=v.dtype, device=u.device)
-    g[:, 0] = g0
-    if _use_loop(K, u):
-        for k in range(1, K):
-            n = k - 1
-            if n >= 1:
-                # g_n = c1 v_n - sum_{i=0..n} v_i v_{n-i}  (symmetric: pairs twice, middle once)
-                terms = [(v[:, i], v[:, n - i], -2.0) for i in range((n + 1) // 2)]
-                if n % 2 == 0:
-                    terms.append((v[:, n // 2], v[:, n // 2], -1.0))
-                gn = g[:, n]
-                if c1 != 0.0:
-                    accumulate(gn, terms)
-                    gn.add_(v[:, n], alpha=c1)
-                else:
-                    accumulate(gn, terms)
-            accumulate(v[:, k], [(u[:, j], g[:, k - j], j / k) for j in range(1, k + 1)])
-    else:
+    g = torch.empty((u.shape[0], K if with_g else K - 1) + tuple(u.shape[2:]), dtype=v.dtype, device=u.device)
+    if g.shape[1]:
+        g[:, 0] = g0
+    loop = _use_loop(K, u)
+    if not loop:
         jur = (u * _arange_col(K, u)).flip(1)
         vr = torch.empty_like(v)  # vr[:, K-1-i] = v_i
         vr[:, K - 1] = v[:, 0]
-        for k in range(1, K):
-            n = k - 1
-            if n >= 1:
-                s = _vdot(vr, v, n, 0, n)
-                g[:, n] = v[:, n] * c1 - s if c1 != 0.0 else -s
+
+    def g_step(n: int) -> None:  # g_n = c1 v_n - sum_{i=0..n} v_i v_{n-i}
+        if loop:  # symmetric: pairs twice, middle once
+            terms = [(v[:, i], v[:, n - i], -2.0) for i in range((n + 1) // 2)]
+            if n % 2 == 0:
+                terms.append((v[:, n // 2], v[:, n // 2], -1.0))
+            gn = g[:, n]
+            accumulate(gn, terms)
+            if c1 != 0.0:
+                gn.add_(v[:, n], alpha=c1)
+        else:
+            s = _vdot(vr, v, n, 0, n)
+            g[:, n] = v[:, n] * c1 - s if c1 != 0.0 else -s
+
+    for k in range(1, K):
+        if k >= 2:
+            g_step(k - 1)
+        if loop:
+            accumulate(v[:, k], [(u[:, j], g[:, k - j], j / k) for j in range(1, k + 1)])
+        else:
             v[:, k] = _vdot(jur, g, k, 1, k) * (1.0 / k)
             vr[:, K - 1 - k] = v[:, k]
-    return v
+    if with_g and K >= 2:
+        g_step(K - 1)
+    return (v, g) if with_g else v
 
 
 def _scipy_special(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -865,3 +905,26 @@ def silu(a: torch.Tensor) -> torch.Tensor:
     """SiLU: a * sigmoid(a)."""
     _check_series(a, "silu")
     return mul(a, sigmoid(a))
+
+
+def _sigmoid_and_derivative(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigmoid(a), sigmoid'(a)), both with all K coefficients, from one Riccati recurrence."""
+    s0, g0 = apply0(a[:, 0], torch.sigmoid, lambda x: torch.sigmoid(x).mul_(torch.sigmoid(-x)))
+    return _riccati(a, s0, g0, 1.0, with_g=True)
+
+
+def silu_backward(grad: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """grad * silu'(a) = grad * (s + a s'), s = sigmoid(a), s' = s - s^2.
+
+    One Riccati recurrence gives s and s' together; then two Cauchy products.
+    (torch's decomposition of silu_backward evaluates sigmoid through exp and a
+    quotient and takes four products: about three times the passes.)
+    """
+    _check_series(a, "silu_backward")
+    s, g = _sigmoid_and_derivative(a)
+    a, g = _align(a, g, "silu_backward")
+    d = torch.empty(_bshape(a, g), dtype=torch.result_type(a, g), device=a.device)
+    _mul_into(d, a, g)
+    d += s
+    del s, g
+    return mul(grad, d)

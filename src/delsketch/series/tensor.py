@@ -1058,6 +1058,12 @@ for _op, _k in [
     register_rule(_op, kind="kernel")(_k)
 
 
+@rule(aten.silu_backward.default)
+def _silu_backward(grad_output, self):
+    K = _K_of(grad_output, self)
+    return _wrap(ring.silu_backward(_const(grad_output, K), _const(self, K)))
+
+
 @rule(aten.gelu.default)
 def _gelu(x, approximate="none"):
     if approximate == "none":
@@ -1473,7 +1479,6 @@ use_torch_decomposition(
     aten.nll_loss_backward,
     aten.nll_loss2d_forward,
     aten.gelu_backward,
-    aten.silu_backward,
     aten.tanh_backward,
     aten.sigmoid_backward,
     aten.softplus_backward,

@@ -7,6 +7,7 @@ from typing import Callable, Iterable, Optional, Union
 import numpy as np
 import torch
 
+from .. import _alloc
 from .. import series as taylor
 from ..training import Task, train
 from ..training.outputs import as_output
@@ -58,7 +59,7 @@ def ring_train(task: Task, w: taylor.Series, steps: Optional[int] = None, callba
     """One ring run: train the task with series weights ``w`` (parameters start as constants). ``device``: run
     it there (see :func:`delsketch.training.train`); the returned series live on that device."""
     params0 = {k: taylor.lift(v, w.degree) for k, v in task.init_params().items()}
-    with taylor.module_context():
+    with _alloc.heap_cache(), taylor.module_context():  # freed series blocks are reused from step to step
         return train(task, w=w, params=params0, steps=steps, callback=callback, device=device)
 
 

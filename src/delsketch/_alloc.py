@@ -1,0 +1,98 @@
+"""How a ring run gets its memory: huge pages, and freed blocks kept for reuse while it runs.
+
+A ring step allocates many series tensors of tens to hundreds of MB, each used for a few memory-bound
+passes, and frees them again.  By default both costs of a fresh block are paid on every allocation: glibc
+maps blocks over 32 MB anew with mmap and unmaps them when freed, and the first touch of every 4 kB page
+then faults (on a virtual machine several times the arithmetic: a fresh 67 MB complex128 product measured
+53 ms against 7 ms into an existing buffer).  Two remedies, measured in bench/results/engine-alloc.json:
+
+* **Huge pages** (:func:`enable_huge_pages`, run when delsketch is imported): torch aligns allocations of
+  2 MB and more to 2 MB and advises the kernel to back them with transparent huge pages when
+  ``THP_MEM_ALLOC_ENABLE=1`` (c10's CPU allocator).  torch reads the variable once, at its first allocation,
+  so it is set before ``import torch``; a value the user set is kept (``THP_MEM_ALLOC_ENABLE=0`` turns it
+  off), and when torch was imported before delsketch nothing changes (set it in the shell then).
+* **A heap cache** (:func:`heap_cache`, around every ring run): glibc serves all blocks from its heap and
+  keeps freed ones, so that the next step reuses memory that is already mapped; when the outermost run
+  ends the settings go back to glibc's defaults and the freed memory is returned to the system
+  (``malloc_trim``).  Only where glibc is the C library; ``DELSKETCH_HEAP_CACHE=0`` turns it off.
+
+Neither changes a value: only where tensors live.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import sys
+import threading
+
+THP_VARIABLE = "THP_MEM_ALLOC_ENABLE"
+CACHE_VARIABLE = "DELSKETCH_HEAP_CACHE"
+
+# glibc's mallopt parameters and their defaults (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+_KEEP = 2**31 - 1  # a trim threshold no heap reaches: freed memory stays
+
+_lock = threading.Lock()
+_depth = [0]
+_libc = []
+
+
+def enable_huge_pages() -> bool:
+    """Set THP_MEM_ALLOC_ENABLE=1 unless it is set or torch is loaded; True when huge-page allocation is on."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault(THP_VARIABLE, "1")
+    return huge_pages()
+
+
+def huge_pages() -> bool:
+    """Whether this process's torch asks for huge pages (as far as the environment tells)."""
+    return os.environ.get(THP_VARIABLE, "0") not in ("", "0")
+
+
+def _glibc():
+    if not _libc:
+        lib = None
+        if sys.platform.startswith("linux"):
+            try:
+                cand = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                cand.gnu_get_libc_version.restype = ctypes.c_char_p
+                cand.gnu_get_libc_version()  # glibc only (musl has no mallopt parameters of these numbers)
+                lib = cand
+            except (OSError, AttributeError):
+                lib = None
+        _libc.append(lib)
+    return _libc[0]
+
+
+def heap_cache_available() -> bool:
+    return _glibc() is not None and os.environ.get(CACHE_VARIABLE, "1") not in ("", "0")
+
+
+@contextlib.contextmanager
+def heap_cache():
+    """While inside (nested calls count once), freed blocks of any size stay in the heap for reuse."""
+    lib = _glibc() if heap_cache_available() else None
+    if lib is None:
+        yield
+        return
+    with _lock:
+        _depth[0] += 1
+        if _depth[0] == 1:
+            lib.mallopt(_M_MMAP_MAX, 0)
+            lib.mallopt(_M_TRIM_THRESHOLD, _KEEP)
+    try:
+        yield
+    finally:
+        with _lock:
+            _depth[0] -= 1
+            if _depth[0] == 0:
+                lib.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+                lib.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+                lib.malloc_trim(0)
+
+
+enable_huge_pages()
