@@ -17,9 +17,12 @@ Compute-bound rows (``--rows compute``, issue 17 item 4), written to bench/resul
     one row. Tasks come from ``Task.from_module``.
   * Degrees 1, 3, 6 (K = 2, 4, 7). Per row one fresh process (one torch thread); per degree it times plain
     steps, then a ring run of m directions (``sketch.ring_train``), then plain steps again; step times come from the
-    training callback (real steps of one run, optimizer state included); step 0 is the warm-up and excluded.
-    The ring's peak memory: VmHWM reset (/proc/self/clear_refs = 5) after the warm-up step and read after the
-    measured steps, reported in MiB as the peak total RSS and as the peak above the RSS just before the step.
+    training callback (real steps of one run, optimizer state included); ring steps 0 (parameters still plain,
+    broadcast to m directions) and 1 (the ring's heap cache grows to its working set, delsketch/_alloc.py) are
+    the warm-up, reported apart and excluded from the median. The ring's peak memory: VmHWM reset
+    (/proc/self/clear_refs = 5) after step 0 and read after the measured steps, reported in MiB as the peak total
+    RSS and as the peak above the RSS just before step 1. The JSON records whether torch allocates in huge pages
+    and whether the heap cache is on (delsketch turns both on; this script imports delsketch before torch).
   * ``fig3``: the paper task (``--data``), 2 worker processes side by side with 250 directions each at degree 3,
     one thread each (what ``precompute(workers=2, chunk=250)`` runs), timing a stride sample of the 1000-step
     schedule; the 1000-step precompute is *extrapolated* from those steps.
@@ -50,12 +53,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import delsketch  # noqa: F401  (before torch: it asks torch for huge pages, see delsketch/_alloc.py)
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from delsketch import __version__
+from delsketch import __version__, _alloc
 from delsketch.series import tensor as taylor
 from delsketch.training.optim import SGD, Adam, linear_decay
 from delsketch.tasks.microgpt import MicroGPT, MicroGPTConfig, TextCorpus, gauss_init
@@ -277,7 +281,9 @@ def timed_run(run, reset_after=None) -> dict:
 def measure_row(spec: dict) -> list:
     """One row at each of ``spec["degrees"]`` (ascending), in this process: per degree, plain steps, a ring run of
     m directions, plain steps again. Run by the ``--child`` process, which has one torch thread."""
-    warm, steps, plain_steps = 1, spec["steps"], spec.get("plain_steps", 10)
+    # ring steps 0 (parameters still m = 1, broadcast to m) and 1 (the heap cache grows to its working set) are
+    # warm-up: timed and reported, not in the median; the memory peak counts from step 1 on
+    warm, steps, plain_steps = 2, spec["steps"], spec.get("plain_steps", 10)
     task = compute_task(spec["model"], spec["n"], spec["batch"], spec["opt"], max(warm + steps, plain_steps))
     rows = []
     for degree in spec["degrees"]:
@@ -289,12 +295,12 @@ def measure_row(spec: dict) -> list:
         w = weight_series(directions(0, range(m), task.n), degree)
         gc.collect()
         row["rss_before_ring_mib"] = memory_mib()["VmRSS"]
-        ring = timed_run(lambda cb: ring_train(task, w, steps=warm + steps, callback=cb), reset_after=warm - 1)
+        ring = timed_run(lambda cb: ring_train(task, w, steps=warm + steps, callback=cb), reset_after=0)
         plain_b = timed_run(lambda cb: train(task, steps=plain_steps, callback=cb))["steps_s"][1:]
         plain = median(plain_a + plain_b)
         t = median(ring["steps_s"][warm:])
         row.update(plain_step_s=plain, plain_before_s=median(plain_a), plain_after_s=median(plain_b),
-                   ring_step0_s=ring["steps_s"][0], ring_steps_s=ring["steps_s"][warm:], ring_step_s=t,
+                   ring_step0_s=ring["steps_s"][0], ring_step1_s=ring["steps_s"][1], ring_steps_s=ring["steps_s"][warm:], ring_step_s=t,
                    per_direction_s=t / m, ratio_per_direction=t / m / plain,
                    peak_reset_ok=ring.get("reset"), rss_before_step_mib=ring.get("rss_before_mib"),
                    peak_total_mib=ring.get("peak_total_mib"), peak_above_before_mib=ring.get("peak_above_before_mib"))
@@ -498,7 +504,8 @@ def main_compute(a) -> int:
         "command": "python bench/engine.py " + " ".join(a.argv),
         "targets": TARGETS,
         "machine": {"cpus": os.cpu_count(), "threads_per_process": 1, "platform": platform.platform(),
-                    "python": sys.version.split()[0], "torch": torch.__version__, "delsketch": __version__},
+                    "python": sys.version.split()[0], "torch": torch.__version__, "delsketch": __version__,
+                    "huge_pages": _alloc.huge_pages(), "heap_cache": _alloc.heap_cache_available()},
         "loadavg_start": load0, "loadavg_end": list(os.getloadavg()),
         "wall_s": time.perf_counter() - t_start,
         "rows": rows,

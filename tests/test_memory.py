@@ -3,6 +3,7 @@ memory measured in a fresh process, and chunks split into several ring runs with
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import json
 import os
@@ -113,3 +114,55 @@ def test_a_budget_below_one_direction_is_refused(tmp_path, capsys):
     assert cli_main(["sketch", "--preset", "digits", "--steps", "4", "--directions", "2", "--degree", "2",
                      "--out", str(tmp_path / "c"), "--memory-budget", "lots"]) == 2
     assert "--memory-budget" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# how ring runs get memory (delsketch/_alloc.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def _env_after(code: str, **env) -> str:
+    e = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    e.update(env, PYTHONPATH=SRC)
+    return subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_huge_pages_asked_before_torch_loads_and_user_choice_kept():
+    show = "import os; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"
+    assert _env_after("import delsketch; " + show) == "1"
+    assert _env_after("import delsketch; " + show, THP_MEM_ALLOC_ENABLE="0") == "0"
+    assert _env_after("import torch, delsketch; " + show) == "None"  # too late: torch has read it already
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def test_heap_cache_keeps_large_blocks_in_the_heap(monkeypatch):
+    """Outside the cache a 64 MB tensor is its own mmap block (hblkhd grows by its size while it lives); inside it
+    comes from the heap (no mmap block), and after the outermost context the defaults are back."""
+    from delsketch import _alloc
+
+    lib = _alloc._glibc()
+    if lib is None or not hasattr(lib, "mallinfo2"):
+        pytest.skip("needs glibc >= 2.33")
+    lib.mallinfo2.restype = _Mallinfo2
+    nbytes = 64 << 20
+
+    def mmapped_while_alive() -> int:
+        before = lib.mallinfo2().hblkhd
+        x = torch.empty(nbytes, dtype=torch.uint8)
+        grew = lib.mallinfo2().hblkhd - before
+        del x
+        return grew
+
+    assert mmapped_while_alive() >= nbytes
+    with _alloc.heap_cache():
+        with _alloc.heap_cache():  # nested: still on after the inner one ends
+            assert mmapped_while_alive() == 0
+        assert mmapped_while_alive() == 0
+    assert mmapped_while_alive() >= nbytes
+    monkeypatch.setenv("DELSKETCH_HEAP_CACHE", "0")
+    with _alloc.heap_cache():
+        assert mmapped_while_alive() >= nbytes

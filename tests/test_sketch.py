@@ -369,3 +369,64 @@ def test_coherent_sets_are_flagged_where_the_sketch_misses_retraining(tmp_path):
             assert covered < 0.5 and flagged > 0.5, (covered, flagged)
         else:
             assert covered >= 0.8 and flagged < 0.1, (covered, flagged)
+
+
+# ---------------------------------------------------------------------------------------------
+# the engine's speed paths change no number of a sketch
+# ---------------------------------------------------------------------------------------------
+
+
+def _silu_mlp_task():
+    import torch.nn.functional as F  # noqa: PLC0415
+    from torch import nn  # noqa: PLC0415
+
+    from delsketch import Task  # noqa: PLC0415
+
+    g = torch.Generator().manual_seed(5)
+    X, y = torch.randn(40, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (40,), generator=g)
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Linear(6, 16), nn.SiLU(), nn.Linear(16, 16), nn.SiLU(), nn.Linear(16, 3)).double()
+    task = Task.from_module(net, (X, y), lambda out, t: F.cross_entropy(out, t, reduction="none"),
+                            torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), steps=6, batch_size=20)
+    return task, X, y
+
+
+def test_engine_speed_paths_change_no_sketch(tmp_path, monkeypatch):
+    """A sketch made with every speed path of the engine (real degree-0 matmuls, forced even for small matrices;
+    degree-0 functions evaluated once for all directions; the silu_backward rule; the heap cache) agrees to 1e-12
+    with one made with all of them off: generic Cauchy matmuls, degree-0 functions in every direction, and
+    silu_backward composed from the sigmoid and product kernels."""
+    from delsketch.series import kernels as R  # noqa: PLC0415
+
+    from delsketch.training.outputs import losses  # noqa: PLC0415
+
+    task, X, y = _silu_mlp_task()
+    monkeypatch.setattr(R, "_MATMUL_MIN_NUMEL", 0)
+    calls = {"matmul": 0, "silu_backward": 0}
+    for name in ("_matmul_real0", "silu_backward"):
+        orig = getattr(R, name)
+
+        def spy(*args, _orig=orig, _key=name.strip("_").replace("real0", "").strip("_")):
+            calls["matmul" if "matmul" in _key else _key] += 1
+            return _orig(*args)
+
+        monkeypatch.setattr(R, name, spy)
+    fast = precompute(task, tmp_path / "fast", directions=6, degree=3, chunk=3, seed=2)
+    assert calls["matmul"] > 0 and calls["silu_backward"] > 0
+    monkeypatch.undo()
+
+    def silu_backward_composed(grad, a):
+        s = R.sigmoid(a)
+        return R.mul(grad, R.mul(a, s - R.mul(s, s)) + s)
+
+    monkeypatch.setattr(R, "_FAST_REAL0", False)
+    monkeypatch.setattr(R, "_shared0", lambda x0: x0)
+    monkeypatch.setattr(R, "silu_backward", silu_backward_composed)
+    monkeypatch.setenv("DELSKETCH_HEAP_CACHE", "0")
+    slow = precompute(task, tmp_path / "slow", directions=6, degree=3, chunk=3, seed=2)
+    out = losses(task, X[:8], y[:8])
+    a, b = fast.coefficients(out), slow.coefficients(out)
+    assert a.shape == b.shape == (6, 4, 8)
+    scale = b.abs().amax(dim=(0, 2))  # per degree
+    assert (scale > 0).all()
+    assert ((a - b).abs().amax(dim=(0, 2)) / scale).max() <= 1e-12
