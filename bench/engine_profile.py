@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import delsketch  # noqa: F401  (before torch: it asks torch for huge pages, see delsketch/_alloc.py)
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
