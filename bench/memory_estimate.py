@@ -17,7 +17,9 @@ import sys
 from pathlib import Path
 
 PROBE = r'''
-import json, sys, torch, torch.nn as nn
+import json, sys
+import delsketch  # before torch, as a user script that imports delsketch first (huge pages on)
+import torch, torch.nn as nn
 torch.set_num_threads(1)
 from delsketch.training import Task
 from delsketch.training.memory import ring_bytes_per_direction

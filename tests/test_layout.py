@@ -12,16 +12,18 @@ ROOT = Path(delsketch.__file__).parent
 # what each top-level part of the package may import (besides itself)
 ALLOWED = {
     "version": set(),
+    "_alloc": set(),  # memory settings for ring runs; imports nothing (it must run before torch loads)
     "io": {"version"},
     "series": set(),
     "training": {"series", "io", "version"},
     "tasks": {"series", "training", "io", "version"},
-    "sketch": {"series", "training", "io", "version", "executors"},
+    "sketch": {"series", "training", "io", "version", "executors", "_alloc"},
     "executors": {"io", "version"},
 }
 # the workbench packages may use the library, never the applications
 for _pkg in ("audit", "unlearn", "privacy"):
-    ALLOWED[_pkg] = {"series", "training", "tasks", "sketch", "io", "version", "executors", "audit", "privacy"} - {_pkg}
+    ALLOWED[_pkg] = {"series", "training", "tasks", "sketch", "io", "version", "executors", "audit", "privacy",
+                     "_alloc"} - {_pkg}
 
 
 def _part(path: Path) -> str:

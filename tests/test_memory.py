@@ -163,6 +163,10 @@ def test_heap_cache_keeps_large_blocks_in_the_heap(monkeypatch):
             assert mmapped_while_alive() == 0
         assert mmapped_while_alive() == 0
     assert mmapped_while_alive() >= nbytes
-    monkeypatch.setenv("DELSKETCH_HEAP_CACHE", "0")
-    with _alloc.heap_cache():
-        assert mmapped_while_alive() >= nbytes
+    for var, value in [("DELSKETCH_HEAP_CACHE", "0"), ("MALLOC_TRIM_THRESHOLD_", "131072"),
+                       ("GLIBC_TUNABLES", "glibc.malloc.mmap_max=65536")]:
+        with monkeypatch.context() as mp:
+            mp.setenv(var, value)  # turned off, or the user tuned malloc: left alone
+            assert not _alloc.heap_cache_available()
+            with _alloc.heap_cache():
+                assert mmapped_while_alive() >= nbytes

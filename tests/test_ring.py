@@ -605,8 +605,9 @@ def real0_series(gen, m, K, shape, shared=False, col_major=False, real0=True):
 def shortcut_calls(monkeypatch):
     """Let the shortcuts take tensors of any size, and count the calls of each."""
     monkeypatch.setattr(R, "_MATMUL_MIN_NUMEL", 0)
-    calls = {"matmul": 0, "split": 0}
-    for name, key in [("_matmul_real0", "matmul"), ("_bilinear_real0", "split")]:
+    monkeypatch.setattr(R, "_SMALL_MATMUL_MACS", 0)  # no matrix counts as small (tests that want them set it)
+    calls = {"matmul": 0, "blocked": 0, "split": 0}
+    for name, key in [("_matmul_real0", "matmul"), ("_matmul_blocked", "blocked"), ("_bilinear_real0", "split")]:
         orig = getattr(R, name)
 
         def spy(*args, _orig=orig, _key=key):
@@ -627,9 +628,13 @@ MATMUL_SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("small", [False, True], ids=["real0", "small"])
 @pytest.mark.parametrize("K", [1, 2, 4, 7])
-def test_bilinear_matmul_real0_vs_generic(K, shortcut_calls):
-    """All layouts (row-/column-major a and b), m broadcasts, shared or per-direction a_0, real or complex b_0."""
+def test_bilinear_matmul_real0_vs_generic(K, small, shortcut_calls, monkeypatch):
+    """All layouts (row-/column-major a and b), m broadcasts, shared or per-direction a_0, real or complex b_0;
+    as large matrices (the real degree-0 split) and as small ones (column-major a: blocked products)."""
+    if small:
+        monkeypatch.setattr(R, "_SMALL_MATMUL_MACS", 1 << 15)
     gen = torch.Generator().manual_seed(61 + K)
     n = 0
     for (sa, sb), (ma, mb), ta, tb, shared, rb in itertools.product(
@@ -647,7 +652,10 @@ def test_bilinear_matmul_real0_vs_generic(K, shortcut_calls):
         assert got.data_ptr() not in (a.data_ptr(), b.data_ptr())
         assert torch.equal(R.bilinear(torch.matmul, a, b), got), f"not deterministic: {what}"
         n += 1
-    assert shortcut_calls["matmul"] == (2 * n if K > 1 else 0)
+    if not small:
+        assert shortcut_calls == {"matmul": 2 * n if K > 1 else 0, "blocked": 0, "split": 0}
+    else:  # 4-D with a column-major a: blocked (a quarter of the cases, each called twice); the rest generic
+        assert shortcut_calls == {"matmul": 0, "blocked": 2 * n // 4 if K > 1 else 0, "split": 0}
 
 
 def test_bilinear_matmul_real0_vs_jvp(shortcut_calls):
@@ -717,10 +725,10 @@ def test_bilinear_shortcut_fallbacks(shortcut_calls, monkeypatch):
     for x, y in [(a, b), (c, d)]:
         assert torch.equal(R.bilinear(_strict_matmul, x, y, split=True), R._bilinear_generic(torch.matmul, x, y))
     assert torch.equal(R.bilinear(_strict_matmul, c, b), R._bilinear_generic(torch.matmul, c, b))  # split=False
-    assert shortcut_calls == {"matmul": 0, "split": 0}
+    assert shortcut_calls == {"matmul": 0, "blocked": 0, "split": 0}
     monkeypatch.setattr(R, "_FAST_REAL0", False)
     assert torch.equal(R.bilinear(torch.matmul, c, b), R._bilinear_generic(torch.matmul, c, b))
-    assert shortcut_calls == {"matmul": 0, "split": 0}
+    assert shortcut_calls == {"matmul": 0, "blocked": 0, "split": 0}
     monkeypatch.setattr(R, "_FAST_REAL0", True)
     R.bilinear(torch.matmul, c, b)
-    assert shortcut_calls == {"matmul": 1, "split": 0}
+    assert shortcut_calls == {"matmul": 1, "blocked": 0, "split": 0}

@@ -391,28 +391,31 @@ def _silu_mlp_task():
     return task, X, y
 
 
-def test_engine_speed_paths_change_no_sketch(tmp_path, monkeypatch):
-    """A sketch made with every speed path of the engine (real degree-0 matmuls, forced even for small matrices;
-    degree-0 functions evaluated once for all directions; the silu_backward rule; the heap cache) agrees to 1e-12
-    with one made with all of them off: generic Cauchy matmuls, degree-0 functions in every direction, and
-    silu_backward composed from the sigmoid and product kernels."""
+@pytest.mark.parametrize("matmuls", ["real0", "small"])
+def test_engine_speed_paths_change_no_sketch(tmp_path, monkeypatch, matmuls):
+    """A sketch made with every speed path of the engine (real degree-0 matmuls, forced even for small matrices,
+    or the small-matrix paths; degree-0 functions evaluated once for all directions; the silu_backward rule; the
+    heap cache) agrees to 1e-12 with one made with all of them off: generic Cauchy matmuls, degree-0 functions in
+    every direction, and silu_backward composed from the sigmoid and product kernels."""
     from delsketch.series import kernels as R  # noqa: PLC0415
 
     from delsketch.training.outputs import losses  # noqa: PLC0415
 
     task, X, y = _silu_mlp_task()
     monkeypatch.setattr(R, "_MATMUL_MIN_NUMEL", 0)
-    calls = {"matmul": 0, "silu_backward": 0}
-    for name in ("_matmul_real0", "silu_backward"):
+    if matmuls == "real0":
+        monkeypatch.setattr(R, "_SMALL_MATMUL_MACS", 0)
+    calls = {"_matmul_real0": 0, "_matmul_blocked": 0, "silu_backward": 0}
+    for name in calls:
         orig = getattr(R, name)
 
-        def spy(*args, _orig=orig, _key=name.strip("_").replace("real0", "").strip("_")):
-            calls["matmul" if "matmul" in _key else _key] += 1
+        def spy(*args, _orig=orig, _key=name):
+            calls[_key] += 1
             return _orig(*args)
 
         monkeypatch.setattr(R, name, spy)
     fast = precompute(task, tmp_path / "fast", directions=6, degree=3, chunk=3, seed=2)
-    assert calls["matmul"] > 0 and calls["silu_backward"] > 0
+    assert calls["_matmul_real0" if matmuls == "real0" else "_matmul_blocked"] > 0 and calls["silu_backward"] > 0
     monkeypatch.undo()
 
     def silu_backward_composed(grad, a):

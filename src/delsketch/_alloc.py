@@ -16,7 +16,8 @@ then faults (on a virtual machine several times the arithmetic: a fresh 67 MB co
 * **A heap cache** (:func:`heap_cache`, around every ring run): glibc serves all blocks from its heap and
   keeps freed ones, so that the next step reuses memory that is already mapped; when the outermost run
   ends the settings go back to glibc's defaults and the freed memory is returned to the system
-  (``malloc_trim``).  Only where glibc is the C library; ``DELSKETCH_HEAP_CACHE=0`` turns it off.
+  (``malloc_trim``).  Only where glibc is the C library and the user has not tuned its malloc (``MALLOC_*_``
+  variables, ``glibc.malloc`` tunables); ``DELSKETCH_HEAP_CACHE=0`` turns it off.
 
 Neither changes a value: only where tensors live.
 """
@@ -70,8 +71,16 @@ def _glibc():
     return _libc[0]
 
 
+def _user_tuned_malloc() -> bool:
+    """The user configured glibc's malloc (MALLOC_*_ variables or malloc tunables): leave it as they set it."""
+    return any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ) or "glibc.malloc." in os.environ.get(
+        "GLIBC_TUNABLES", "")
+
+
 def heap_cache_available() -> bool:
-    return _glibc() is not None and os.environ.get(CACHE_VARIABLE, "1") not in ("", "0")
+    """Whether :func:`heap_cache` changes anything here: glibc, not turned off, malloc not tuned by the user."""
+    return (_glibc() is not None and os.environ.get(CACHE_VARIABLE, "1") not in ("", "0")
+            and not _user_tuned_malloc())
 
 
 @contextlib.contextmanager

@@ -303,7 +303,8 @@ def bilinear(
     part: the engine's case), same results up to rounding:
 
     * ``op is torch.matmul`` (operands of equal rank >= 4, real a_0, not
-      tiny): see :func:`_matmul_real0`.
+      tiny): see :func:`_matmul_real0`; for small matrices and a
+      column-major a (any a_0): :func:`_matmul_blocked`.
     * ``split=True``, for an op that is a real op extended to complex operands
       by several real calls (as taylor does for convolutions), when a_0 and b_0
       are real: the products with a_0 or b_0 become real calls, see
@@ -319,8 +320,12 @@ def bilinear(
         raise ValueError(f"bilinear: series lengths differ (K = {K} vs {b.shape[1]})")
     if _FAST_REAL0 and K > 1 and a.is_complex() and b.dtype == a.dtype:
         if op is torch.matmul:
-            if a.dim() == b.dim() >= 4 and a.numel() + b.numel() > _MATMUL_MIN_NUMEL and _real0(a):
-                return _matmul_real0(a, b)
+            if a.dim() == b.dim() >= 4:
+                if a.shape[-2] * a.shape[-1] * b.shape[-1] <= _SMALL_MATMUL_MACS:
+                    if a.dim() == 4 and _col_major(a) and a.mT.is_contiguous():
+                        return _matmul_blocked(a, b)
+                elif a.numel() + b.numel() > _MATMUL_MIN_NUMEL and _real0(a):
+                    return _matmul_real0(a, b)
         elif split and _real0(a) and _real0(b):
             return _bilinear_real0(op, a, b)
     return _bilinear_generic(op, a, b)
@@ -330,6 +335,30 @@ def bilinear(
 # lower the size threshold, below which the extra calls cost more than they save).
 _FAST_REAL0 = True
 _MATMUL_MIN_NUMEL = 1 << 17
+# small matrices (at most this many multiply-adds p q n): the real splitting's copies and passes cost more than
+# its flops save, so a column-major a takes _matmul_blocked and the rest the generic products (in-process A/B on
+# the paper task, docs/performance.md)
+_SMALL_MATMUL_MACS = 1 << 15
+
+
+def _matmul_blocked(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """bilinear(torch.matmul) for 4-D series of small matrices with a column-major a (a = g^T, as in a gradient
+    of weights): c_k = [a_0 .. a_k] @ [b_k; ..; b_0], one complex matmul per k with a (k+1)-fold inner dimension.
+
+    The blocks [a_0 .. a_k] are a view of a's storage and [b_k; ..; b_0] of one reversed copy of b, so every
+    output coefficient is written once, by one matmul.  For small matrices (a short inner dimension, say the
+    tokens of a sequence) that costs half of the K(K+1)/2 products and additions it replaces, or of the real
+    degree-0 splitting of :func:`_matmul_real0`, whose copies and extra passes are not repaid by its saved
+    flops at these sizes (measured: docs/performance.md).
+    """
+    M, K = max(a.shape[0], b.shape[0]), a.shape[1]
+    q = a.shape[-1]
+    at = a.mT.flatten(1, 2)  # [ma, K q, p]: a_0^T; a_1^T; ... (a view: a^T is row-major)
+    bf = b.flip(1).contiguous().flatten(1, 2)  # one copy, [mb, K q, n]: b_{K-1}; ..; b_0
+    out = torch.empty((M, K, a.shape[-2], b.shape[-1]), dtype=a.dtype, device=a.device)
+    for k in range(K):
+        torch.matmul(at[:, : (k + 1) * q].mT, bf[:, (K - 1 - k) * q :], out=out[:, k])
+    return out
 
 
 def _bilinear_generic(op, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
