@@ -888,12 +888,15 @@ def tanh(a: torch.Tensor) -> torch.Tensor:
     return _riccati(a, v0, g0, 0.0)
 
 
+def _sigmoid0(a: torch.Tensor) -> tuple:
+    """sigmoid and sigmoid' = s(1 - s) = s(x) s(-x) (without cancellation) at the degree-0 coefficient."""
+    return apply0(a[:, 0], torch.sigmoid, lambda x: torch.sigmoid(x).mul_(torch.sigmoid(-x)))
+
+
 def sigmoid(a: torch.Tensor) -> torch.Tensor:
     """sigmoid(a) = 1/(1+exp(-a)): sigmoid' = s - s^2."""
     _check_series(a, "sigmoid")
-    # g0 = s(1 - s) = s(x) s(-x), without cancellation
-    s0, g0 = apply0(a[:, 0], torch.sigmoid, lambda x: torch.sigmoid(x).mul_(torch.sigmoid(-x)))
-    return _riccati(a, s0, g0, 1.0)
+    return _riccati(a, *_sigmoid0(a), 1.0)
 
 
 def _softplus0(x: torch.Tensor) -> torch.Tensor:
@@ -938,8 +941,7 @@ def silu(a: torch.Tensor) -> torch.Tensor:
 
 def _sigmoid_and_derivative(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sigmoid(a), sigmoid'(a)), both with all K coefficients, from one Riccati recurrence."""
-    s0, g0 = apply0(a[:, 0], torch.sigmoid, lambda x: torch.sigmoid(x).mul_(torch.sigmoid(-x)))
-    return _riccati(a, s0, g0, 1.0, with_g=True)
+    return _riccati(a, *_sigmoid0(a), 1.0, with_g=True)
 
 
 def silu_backward(grad: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
