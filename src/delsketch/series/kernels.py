@@ -953,9 +953,7 @@ def silu_backward(grad: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """
     _check_series(a, "silu_backward")
     s, g = _sigmoid_and_derivative(a)
-    a, g = _align(a, g, "silu_backward")
-    d = torch.empty(_bshape(a, g), dtype=torch.result_type(a, g), device=a.device)
-    _mul_into(d, a, g)
+    d = mul(a, g)
     d += s
     del s, g
     return mul(grad, d)
