@@ -3,7 +3,6 @@ memory measured in a fresh process, and chunks split into several ring runs with
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import json
 import os
@@ -134,39 +133,62 @@ def test_huge_pages_asked_before_torch_loads_and_user_choice_kept():
     assert _env_after("import torch, delsketch; " + show) == "None"  # too late: torch has read it already
 
 
-class _Mallinfo2(ctypes.Structure):
+_HEAP_CACHE_PROBE = r"""
+import ctypes, os, sys
+import torch
+from delsketch import _alloc
+
+lib = _alloc._glibc()
+if lib is None or not hasattr(lib, "mallinfo2"):
+    print("skip")
+    sys.exit(0)
+
+
+class Mallinfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
-def test_heap_cache_keeps_large_blocks_in_the_heap(monkeypatch):
-    """Outside the cache a 64 MB tensor is its own mmap block (hblkhd grows by its size while it lives); inside it
-    comes from the heap (no mmap block), and after the outermost context the defaults are back."""
-    from delsketch import _alloc
+lib.mallinfo2.restype = Mallinfo2
+nbytes = 64 << 20
 
-    lib = _alloc._glibc()
-    if lib is None or not hasattr(lib, "mallinfo2"):
-        pytest.skip("needs glibc >= 2.33")
-    lib.mallinfo2.restype = _Mallinfo2
-    nbytes = 64 << 20
 
-    def mmapped_while_alive() -> int:
-        before = lib.mallinfo2().hblkhd
-        x = torch.empty(nbytes, dtype=torch.uint8)
-        grew = lib.mallinfo2().hblkhd - before
-        del x
-        return grew
+def mmapped_while_alive() -> tuple:
+    # more than all free heap memory: only a new mmap block (glibc's defaults) or a grown heap (the cache) can
+    # serve it; a smaller block could reuse a chunk that an earlier cached run freed in the middle of the heap
+    info = lib.mallinfo2()
+    size = nbytes + info.fordblks
+    x = torch.empty(size, dtype=torch.uint8)
+    grew = lib.mallinfo2().hblkhd - info.hblkhd
+    del x
+    return grew, size
 
-    assert mmapped_while_alive() >= nbytes
+
+grew, size = mmapped_while_alive()
+assert grew >= size
+with _alloc.heap_cache():
+    with _alloc.heap_cache():  # nested: still on after the inner one ends
+        assert mmapped_while_alive()[0] == 0
+    assert mmapped_while_alive()[0] == 0
+grew, size = mmapped_while_alive()
+assert grew >= size
+for var, value in [("DELSKETCH_HEAP_CACHE", "0"), ("MALLOC_TRIM_THRESHOLD_", "131072"),
+                   ("GLIBC_TUNABLES", "glibc.malloc.mmap_max=65536")]:
+    os.environ[var] = value  # turned off, or the user tuned malloc: left alone
+    assert not _alloc.heap_cache_available()
     with _alloc.heap_cache():
-        with _alloc.heap_cache():  # nested: still on after the inner one ends
-            assert mmapped_while_alive() == 0
-        assert mmapped_while_alive() == 0
-    assert mmapped_while_alive() >= nbytes
-    for var, value in [("DELSKETCH_HEAP_CACHE", "0"), ("MALLOC_TRIM_THRESHOLD_", "131072"),
-                       ("GLIBC_TUNABLES", "glibc.malloc.mmap_max=65536")]:
-        with monkeypatch.context() as mp:
-            mp.setenv(var, value)  # turned off, or the user tuned malloc: left alone
-            assert not _alloc.heap_cache_available()
-            with _alloc.heap_cache():
-                assert mmapped_while_alive() >= nbytes
+        grew, size = mmapped_while_alive()
+        assert grew >= size
+    del os.environ[var]
+print("ok")
+"""
+
+
+def test_heap_cache_keeps_large_blocks_in_the_heap():
+    """Outside the cache a large tensor (64 MB more than the heap's free memory) is its own mmap block (hblkhd grows
+    by its size while it lives); inside it comes from the heap (no mmap block), and after the outermost context the
+    defaults are back. In a fresh process, so that the heap's state does not depend on the tests run before."""
+    out = _env_after(_HEAP_CACHE_PROBE)
+    if out == "skip":
+        pytest.skip("needs glibc >= 2.33")
+    assert out == "ok"
