@@ -606,8 +606,8 @@ def shortcut_calls(monkeypatch):
     """Let the shortcuts take tensors of any size, and count the calls of each."""
     monkeypatch.setattr(R, "_MATMUL_MIN_NUMEL", 0)
     monkeypatch.setattr(R, "_SMALL_MATMUL_MACS", 0)  # no matrix counts as small (tests that want them set it)
-    calls = {"matmul": 0, "blocked": 0, "split": 0}
-    for name, key in [("_matmul_real0", "matmul"), ("_matmul_blocked", "blocked"), ("_bilinear_real0", "split")]:
+    calls = {"matmul": 0, "small": 0, "split": 0}
+    for name, key in [("_matmul_real0", "matmul"), ("_matmul_small", "small"), ("_bilinear_real0", "split")]:
         orig = getattr(R, name)
 
         def spy(*args, _orig=orig, _key=key):
@@ -618,13 +618,15 @@ def shortcut_calls(monkeypatch):
     return calls
 
 
-MATMUL_SHAPES = [
-    ((3, 4), (4, 5)),  # 4-D, coefficients stacked through copies
-    ((2, 8), (8, 1)),  # 4-D, small outputs: products one by one
-    ((6, 2), (2, 6)),
-    ((2, 3, 4), (2, 4, 5)),  # 5-D (heads)
+MATMUL_SHAPES = [  # as small matrices: b_k largest (rows stacked), a_k largest (columns), c_k largest (inner)
+    ((3, 4), (4, 5)),  # 4-D: rows
+    ((2, 8), (8, 1)),  # 4-D: columns
+    ((6, 2), (2, 6)),  # 4-D: inner
+    ((2, 3, 4), (2, 4, 5)),  # 5-D (heads): rows
     ((1, 3, 4), (2, 4, 5)),  # 5-D, broadcasting heads
     ((2, 3, 4), (1, 4, 5)),
+    ((2, 5, 5), (1, 5, 2)),  # 5-D: columns
+    ((1, 6, 2), (2, 2, 6)),  # 5-D: inner
 ]
 
 
@@ -632,7 +634,7 @@ MATMUL_SHAPES = [
 @pytest.mark.parametrize("K", [1, 2, 4, 7])
 def test_bilinear_matmul_real0_vs_generic(K, small, shortcut_calls, monkeypatch):
     """All layouts (row-/column-major a and b), m broadcasts, shared or per-direction a_0, real or complex b_0;
-    as large matrices (the real degree-0 split) and as small ones (column-major a: blocked products)."""
+    as large matrices (the real degree-0 split) and as small ones (stacked rows, columns or inner blocks)."""
     if small:
         monkeypatch.setattr(R, "_SMALL_MATMUL_MACS", 1 << 15)
     gen = torch.Generator().manual_seed(61 + K)
@@ -653,9 +655,9 @@ def test_bilinear_matmul_real0_vs_generic(K, small, shortcut_calls, monkeypatch)
         assert torch.equal(R.bilinear(torch.matmul, a, b), got), f"not deterministic: {what}"
         n += 1
     if not small:
-        assert shortcut_calls == {"matmul": 2 * n if K > 1 else 0, "blocked": 0, "split": 0}
-    else:  # 4-D with a column-major a: blocked (a quarter of the cases, each called twice); the rest generic
-        assert shortcut_calls == {"matmul": 0, "blocked": 2 * n // 4 if K > 1 else 0, "split": 0}
+        assert shortcut_calls == {"matmul": 2 * n if K > 1 else 0, "small": 0, "split": 0}
+    else:  # every case, each called twice
+        assert shortcut_calls == {"matmul": 0, "small": 2 * n if K > 1 else 0, "split": 0}
 
 
 def test_bilinear_matmul_real0_vs_jvp(shortcut_calls):
@@ -725,10 +727,10 @@ def test_bilinear_shortcut_fallbacks(shortcut_calls, monkeypatch):
     for x, y in [(a, b), (c, d)]:
         assert torch.equal(R.bilinear(_strict_matmul, x, y, split=True), R._bilinear_generic(torch.matmul, x, y))
     assert torch.equal(R.bilinear(_strict_matmul, c, b), R._bilinear_generic(torch.matmul, c, b))  # split=False
-    assert shortcut_calls == {"matmul": 0, "blocked": 0, "split": 0}
+    assert shortcut_calls == {"matmul": 0, "small": 0, "split": 0}
     monkeypatch.setattr(R, "_FAST_REAL0", False)
     assert torch.equal(R.bilinear(torch.matmul, c, b), R._bilinear_generic(torch.matmul, c, b))
-    assert shortcut_calls == {"matmul": 0, "blocked": 0, "split": 0}
+    assert shortcut_calls == {"matmul": 0, "small": 0, "split": 0}
     monkeypatch.setattr(R, "_FAST_REAL0", True)
     R.bilinear(torch.matmul, c, b)
-    assert shortcut_calls == {"matmul": 1, "blocked": 0, "split": 0}
+    assert shortcut_calls == {"matmul": 1, "small": 0, "split": 0}

@@ -405,7 +405,7 @@ def test_engine_speed_paths_change_no_sketch(tmp_path, monkeypatch, matmuls):
     monkeypatch.setattr(R, "_MATMUL_MIN_NUMEL", 0)
     if matmuls == "real0":
         monkeypatch.setattr(R, "_SMALL_MATMUL_MACS", 0)
-    calls = {"_matmul_real0": 0, "_matmul_blocked": 0, "silu_backward": 0}
+    calls = {"_matmul_real0": 0, "_matmul_small": 0, "silu_backward": 0}
     for name in calls:
         orig = getattr(R, name)
 
@@ -415,7 +415,7 @@ def test_engine_speed_paths_change_no_sketch(tmp_path, monkeypatch, matmuls):
 
         monkeypatch.setattr(R, name, spy)
     fast = precompute(task, tmp_path / "fast", directions=6, degree=3, chunk=3, seed=2)
-    assert calls["_matmul_real0" if matmuls == "real0" else "_matmul_blocked"] > 0 and calls["silu_backward"] > 0
+    assert calls["_matmul_real0" if matmuls == "real0" else "_matmul_small"] > 0 and calls["silu_backward"] > 0
     monkeypatch.undo()
 
     def silu_backward_composed(grad, a):

@@ -8,6 +8,7 @@ is its own training loop (torch.func.grad, hand-written SGD / Adam), sharing onl
 from __future__ import annotations
 
 import math
+import os
 import re
 import warnings
 
@@ -200,17 +201,29 @@ def test_loss_backward_and_stock_sgd_on_series_parameters():
         torch.testing.assert_close(taylor.coefficients(params[k]), taylor.coefficients(ref[k]).expand_as(taylor.coefficients(params[k])))
 
 
+@pytest.mark.parametrize("kernel", ["native", "eager"])
 @pytest.mark.parametrize(
     "opt",
     [Adam(lr=0.05, eps=1e-3, eps_inside_sqrt=True), Adam(lr=0.05, eps=1e-6, weight_decay=0.1)],
     ids=["adam-eps-inside", "adam-standard-wd"],
 )
-def test_fused_series_optimizer_path_equals_generic_path(opt, monkeypatch):
-    """Adam's fused coefficient path for Series gives the generic (dispatch) path's numbers."""
+def test_fused_series_optimizer_path_equals_generic_path(opt, kernel, monkeypatch, tmp_path):
+    """Adam's fused coefficient path for Series (the native kernel, or its eager slices) gives the generic
+    (dispatch) path's numbers."""
     import dataclasses
+    import shutil
 
+    from delsketch.series import native
     from delsketch.training import optim
     from delsketch.training.optim import AdamW
+
+    if kernel == "native" and shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("DELSKETCH_NATIVE", "1" if kernel == "native" else "0")
+    native._reset()
+    calls = []
+    real = native.adam_update
+    monkeypatch.setattr(native, "adam_update", lambda *a: calls.append(real(*a)) or calls[-1])
 
     for o in (opt, AdamW(lr=0.05, eps=1e-4, eps_inside_sqrt=True, weight_decay=0.1)):
         task = dataclasses.replace(_mlp_task(steps=4), optimizer=o)
@@ -223,6 +236,9 @@ def test_fused_series_optimizer_path_equals_generic_path(opt, monkeypatch):
             generic = run()
         for k in fused:
             torch.testing.assert_close(taylor.coefficients(fused[k]), taylor.coefficients(generic[k]), rtol=1e-10, atol=1e-12)
+    assert calls and all(calls) if kernel == "native" else not any(calls)
+    monkeypatch.undo()
+    native._reset()
 
 
 # ----------------------------------------------------------------------------------------------

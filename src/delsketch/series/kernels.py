@@ -303,8 +303,8 @@ def bilinear(
     part: the engine's case), same results up to rounding:
 
     * ``op is torch.matmul`` (operands of equal rank >= 4, real a_0, not
-      tiny): see :func:`_matmul_real0`; for small matrices and a
-      column-major a (any a_0): :func:`_matmul_blocked`.
+      tiny): see :func:`_matmul_real0`; small matrices (any layout and a_0):
+      :func:`_matmul_small`.
     * ``split=True``, for an op that is a real op extended to complex operands
       by several real calls (as taylor does for convolutions), when a_0 and b_0
       are real: the products with a_0 or b_0 become real calls, see
@@ -322,8 +322,7 @@ def bilinear(
         if op is torch.matmul:
             if a.dim() == b.dim() >= 4:
                 if a.shape[-2] * a.shape[-1] * b.shape[-1] <= _SMALL_MATMUL_MACS:
-                    if a.dim() == 4 and _col_major(a) and a.mT.is_contiguous():
-                        return _matmul_blocked(a, b)
+                    return _matmul_small(a, b)
                 elif a.numel() + b.numel() > _MATMUL_MIN_NUMEL and _real0(a):
                     return _matmul_real0(a, b)
         elif split and _real0(a) and _real0(b):
@@ -335,29 +334,56 @@ def bilinear(
 # lower the size threshold, below which the extra calls cost more than they save).
 _FAST_REAL0 = True
 _MATMUL_MIN_NUMEL = 1 << 17
-# small matrices (at most this many multiply-adds p q n): the real splitting's copies and passes cost more than
-# its flops save, so a column-major a takes _matmul_blocked and the rest the generic products (in-process A/B on
-# the paper task, docs/performance.md)
+# small matrices (at most this many multiply-adds p q n): bound by memory, so the real splitting's copies and
+# passes cost more than its flops save; they take _matmul_small (in-process A/B on the paper task,
+# docs/performance.md)
 _SMALL_MATMUL_MACS = 1 << 15
 
 
-def _matmul_blocked(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """bilinear(torch.matmul) for 4-D series of small matrices with a column-major a (a = g^T, as in a gradient
-    of weights): c_k = [a_0 .. a_k] @ [b_k; ..; b_0], one complex matmul per k with a (k+1)-fold inner dimension.
+def _matmul_small(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """bilinear(torch.matmul) for series of small matrices (equal rank >= 4, batch dims broadcast): the K(K+1)/2
+    products as K matmuls, each coefficient of the largest of a_k, b_k, c_k touched once.
 
-    The blocks [a_0 .. a_k] are a view of a's storage and [b_k; ..; b_0] of one reversed copy of b, so every
-    output coefficient is written once, by one matmul.  For small matrices (a short inner dimension, say the
-    tokens of a sequence) that costs half of the K(K+1)/2 products and additions it replaces, or of the real
-    degree-0 splitting of :func:`_matmul_real0`, whose copies and extra passes are not repaid by its saved
-    flops at these sizes (measured: docs/performance.md).
+    Small matmuls are bound by memory, not flops, and the generic products read every b_j K - j times, every
+    a_i K - i times and write a temporary per product. Here the smaller operand's coefficients are stacked (one
+    copy of it, or a view) so that:
+
+    * b_k largest (a few rows times a weight): P_j = [a_0; ..; a_{K-1-j}] @ b_j, rows stacked, each b_j read
+      once, and c_{i+j} += (P_j)_i;
+    * a_k largest: P_i = a_i @ [b_0, .., b_{K-1-i}], columns stacked, each a_i read once;
+    * c_k largest (a short inner dimension, as in g^T x): c_k = [a_0 .. a_k] @ [b_k; ..; b_0], each c_k written
+      once, by one matmul with a (k+1)-fold inner dimension.
+
+    Measured against the generic products and the real degree-0 split: docs/performance.md.
     """
-    M, K = max(a.shape[0], b.shape[0]), a.shape[1]
-    q = a.shape[-1]
-    at = a.mT.flatten(1, 2)  # [ma, K q, p]: a_0^T; a_1^T; ... (a view: a^T is row-major)
-    bf = b.flip(1).contiguous().flatten(1, 2)  # one copy, [mb, K q, n]: b_{K-1}; ..; b_0
-    out = torch.empty((M, K, a.shape[-2], b.shape[-1]), dtype=a.dtype, device=a.device)
-    for k in range(K):
-        torch.matmul(at[:, : (k + 1) * q].mT, bf[:, (K - 1 - k) * q :], out=out[:, k])
+    K, p, q, n = a.shape[1], a.shape[-2], a.shape[-1], b.shape[-1]
+    M = max(a.shape[0], b.shape[0])
+    batch = tuple(torch.broadcast_shapes(a.shape[2:-2], b.shape[2:-2]))
+    out = torch.empty((M, K, *batch, p, n), dtype=torch.result_type(a, b), device=a.device)
+    ha, hb = (a.shape[0], *a.shape[2:-2]), (b.shape[0], *b.shape[2:-2])  # leading dims without K
+    if q * n >= p * q and q * n >= p * n:  # rows
+        af = a.movedim(1, -3).reshape(*ha, K * p, q)
+        ot = out.movedim(1, -3)  # [M, *batch, K, p, n]
+        if batch:
+            ot.copy_(torch.matmul(af, b[:, 0]).unflatten(-2, (K, p)))
+        else:
+            torch.matmul(af, b[:, 0], out=out.view(M, K * p, n))
+        for j in range(1, K):
+            ot[..., j:, :, :] += torch.matmul(af[..., : (K - j) * p, :], b[:, j]).unflatten(-2, (K - j, p))
+    elif p * q >= p * n:  # columns
+        bf = b.movedim(1, -2).reshape(*hb, q, K * n)
+        oc = out.movedim(1, -2)  # [M, *batch, p, K, n]
+        for i in range(K):
+            prod = torch.matmul(a[:, i], bf[..., : (K - i) * n]).unflatten(-1, (K - i, n))
+            if i == 0:
+                oc.copy_(prod)
+            else:
+                oc[..., i:, :] += prod
+    else:  # inner dimension
+        af = a.movedim(1, -2).reshape(*ha, p, K * q)  # a_0 .. a_{K-1} side by side (a view for a column-major a)
+        bf = b.movedim(1, -3).flip(-3).reshape(*hb, K * q, n)  # one copy: b_{K-1}; ..; b_0
+        for k in range(K):
+            out[:, k] = torch.matmul(af[..., : (k + 1) * q], bf[..., (K - 1 - k) * q :, :])
     return out
 
 

@@ -399,7 +399,7 @@ class Adam(Optimizer):
     def _series_step(self, p, g, m, v, lr_t, bc1, bc2):
         """The same update on series coefficients, with fewer full passes (same formulas), done in slices of
         directions small enough to stay in cache (the update is elementwise, so slicing changes no number)."""
-        from ..series import coefficients, variable
+        from ..series import coefficients, native, variable
 
         pc = coefficients(self._decay(p, lr_t))
         gc = coefficients(g)
@@ -410,6 +410,9 @@ class Adam(Optimizer):
         out_p = torch.empty(shape, dtype=gc.dtype)
         out_m = torch.empty(shape, dtype=gc.dtype)
         out_v = torch.empty(shape, dtype=gc.dtype)
+        if native.adam_update(pc, gc, mc0, vc0, *self.betas, -lr_t / bc1, bc2, self.eps, self.eps_inside_sqrt,
+                              out_p, out_m, out_v):  # one fused pass; else the eager slices below
+            return variable(out_p), variable(out_m), variable(out_v)
         per = max(1, _SLICE_ELEMENTS // max(1, gc[0].numel()))
         for j in range(0, M, per):
             sl = slice(j, min(M, j + per))

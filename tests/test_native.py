@@ -1,0 +1,143 @@
+"""The native (C) series kernels: built on first use, checked by checksum, and equal to the eager PyTorch code."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from delsketch.series import native
+from delsketch.training.optim import Adam
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+needs_cc = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
+
+
+@pytest.fixture
+def fresh_native(monkeypatch, tmp_path):
+    """A native module that builds into an empty cache of its own."""
+    monkeypatch.setenv("DELSKETCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("DELSKETCH_NATIVE", raising=False)
+    native._reset()
+    yield tmp_path / "cache"
+    native._reset()
+
+
+def _series(gen, M, K, N, real0=True, shared0=True):
+    """Coefficients of size 0.3 over a real degree-0 part of size 0.5-1.5 (well conditioned: a degree-0 part near
+    zero makes the power recurrences amplify rounding in both codes alike)."""
+    x = torch.randn(M, K, N, generator=gen, dtype=torch.complex128) * 0.3
+    if real0:
+        x0 = (x[:1, 0] if shared0 else x[:, 0]).real
+        x[:, 0] = (x0.sign() * (0.5 + x0.abs())).to(torch.complex128)
+    return x
+
+
+def _eager(opt, pc, gc, mc, vc, lr_t, bc1, bc2):
+    M = max(x.shape[0] for x in (pc, gc, mc, vc) if x is not None)
+    outs = [torch.empty((M, *gc.shape[1:]), dtype=torch.complex128) for _ in range(3)]
+    opt._series_update(pc.expand(M, *pc.shape[1:]), gc, mc, vc, lr_t, bc1, bc2, *outs)
+    return outs
+
+
+@needs_cc
+def test_build_checksum_and_rebuild(fresh_native):
+    """The first use builds the library and writes its SHA-256; a library that no longer matches its checksum is
+    rebuilt, never loaded."""
+    st = native.status()
+    assert st["available"], st
+    so = fresh_native / os.path.basename(st["path"])
+    sha = so.with_suffix(".sha256")
+    assert so.parent == fresh_native and sha.read_text().strip() == native._sha256(so)
+    good = so.read_bytes()
+    tampered = so.with_suffix(".tmp")
+    tampered.write_bytes(good + b"\0")
+    os.replace(tampered, so)  # a new file (the loaded library's pages are not touched)
+    native._reset()
+    assert native.available()
+    assert so.read_bytes() != good + b"\0" and sha.read_text().strip() == native._sha256(so)
+    assert sorted(p.suffix for p in fresh_native.iterdir()) == [".sha256", ".so"]  # no temporary left
+
+
+def test_off_and_missing_compiler(fresh_native, monkeypatch):
+    """DELSKETCH_NATIVE=0 or no compiler: not available, with the reason, and Adam still steps (eager code)."""
+    monkeypatch.setenv("DELSKETCH_NATIVE", "0")
+    native._reset()
+    assert native.status() == {"available": False, "reason": "off (DELSKETCH_NATIVE=0)", "path": None}
+    monkeypatch.delenv("DELSKETCH_NATIVE")
+    monkeypatch.setenv("CC", str(fresh_native / "no-such-cc"))
+    native._reset()
+    st = native.status()
+    assert not st["available"] and st["reason"].startswith("no C compiler")
+    gen = torch.Generator().manual_seed(1)
+    pc, gc = _series(gen, 3, 2, 5), _series(gen, 3, 2, 5)
+    out = [torch.empty_like(pc) for _ in range(3)]
+    assert native.adam_update(pc, gc, None, None, 0.9, 0.99, -0.1, 0.01, 1e-3, True, *out) is False
+
+
+@needs_cc
+@pytest.mark.parametrize("inside", [True, False], ids=["eps-inside", "standard"])
+@pytest.mark.parametrize("K", [1, 2, 4, 7])
+def test_adam_kernel_equals_eager(fresh_native, K, inside):
+    """The fused kernel against the eager series update, for every K's recurrences, both Adam variants, a zero
+    state, parameters shared by all directions, element counts that leave a partial block, and degree-0 parts
+    that differ by direction."""
+    opt = Adam(0.01, betas=(0.85, 0.99), eps=1e-3 if inside else 1e-8, eps_inside_sqrt=inside)
+    gen = torch.Generator().manual_seed(10 + K)
+    lr_t, bc1, bc2 = 0.009, 1 - 0.85 ** 3, 1 - 0.99 ** 3
+    for M, N, zero_state, shared_p, shared0 in [(3, 13, False, False, True), (2, 8, True, True, True),
+                                                 (4, 1, False, True, False), (1, 30, False, False, False)]:
+        pc = _series(gen, 1 if shared_p else M, K, N, shared0=shared0)
+        gc = _series(gen, M, K, N, shared0=shared0)
+        mc = None if zero_state else _series(gen, M, K, N, shared0=shared0)
+        vc = None if zero_state else _series(gen, M, K, N, shared0=shared0)
+        if vc is not None:
+            vc[:, 0] = vc[:, 0].abs()
+        ref = _eager(opt, pc, gc, mc, vc, lr_t, bc1, bc2)
+        got = [torch.full_like(ref[0], float("nan")) for _ in range(3)]
+        assert native.adam_update(pc, gc, mc, vc, 0.85, 0.99, -lr_t / bc1, bc2, opt.eps, inside, *got)
+        for name, a, b in zip("pmv", got, ref):
+            scale = b.abs().amax(dim=(0, 2), keepdim=True)
+            err = ((a - b).abs() / scale).max().item()
+            assert err < 1e-13, (name, M, N, zero_state, shared_p, err)
+
+
+@needs_cc
+def test_adam_kernel_declines_what_it_does_not_cover(fresh_native):
+    """A degree-0 second moment that is not real and positive, a series longer than KMAX, other dtypes or a
+    non-contiguous output: False, and the caller's eager code runs (which raises or handles it)."""
+    gen = torch.Generator().manual_seed(3)
+    M, K, N = 2, 3, 6
+    pc, gc, mc, vc = (_series(gen, M, K, N) for _ in range(4))
+    out = [torch.empty_like(pc) for _ in range(3)]
+    args = (0.9, 0.99, -0.1, 0.01, 1e-3, True)
+    vc[:, 0] = vc[:, 0].abs()
+    assert native.adam_update(pc, gc, mc, vc, *args, *out)
+    bad = vc.clone()
+    bad[0, 0, 2] += 1e-3j
+    assert not native.adam_update(pc, gc, mc, bad, *args, *out)
+    neg = vc.clone()
+    neg[:, 0] = -10.0
+    assert not native.adam_update(pc, gc, mc, neg, *args, *out)
+    long = [_series(gen, M, native.KMAX + 1, N) for _ in range(4)]
+    assert not native.adam_update(*long, *args, *[torch.empty_like(long[0]) for _ in range(3)])
+    assert not native.adam_update(pc.to(torch.complex64), gc, mc, vc, *args, *out)
+    strided = torch.empty(M, K, 2 * N, dtype=torch.complex128)[..., ::2]
+    assert not native.adam_update(pc, gc, mc, vc, *args, strided, out[1], out[2])
+
+
+@needs_cc
+def test_adam_kernel_threads_give_the_same_bytes(fresh_native):
+    """With several torch threads the directions are split across threads: the same bytes as one thread."""
+    gen = torch.Generator().manual_seed(4)
+    M, K, N = 16, 4, 4096
+    pc, gc, mc, vc = (_series(gen, M, K, N) for _ in range(4))
+    vc[:, 0] = vc[:, 0].abs()
+    args = (0.9, 0.99, -0.1, 0.01, 1e-3, True)
+    one = [torch.empty_like(pc) for _ in range(3)]
+    assert native.adam_update(pc, gc, mc, vc, *args, *one)
+    torch.set_num_threads(2)
+    two = [torch.empty_like(pc) for _ in range(3)]
+    assert native.adam_update(pc, gc, mc, vc, *args, *two)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
