@@ -45,6 +45,36 @@ _SOURCE = r"""
 #define KMAX 16
 #define B 4
 typedef double vd __attribute__((vector_size(8 * B)));  /* B lanes: one vector per coefficient */
+typedef long long vl __attribute__((vector_size(8 * B)));
+
+/* B interleaved complex numbers at x <-> lane vectors of their real and imaginary parts */
+#if defined(__clang__)
+#define EVEN(a, b) __builtin_shufflevector(a, b, 0, 2, 4, 6)
+#define ODD(a, b) __builtin_shufflevector(a, b, 1, 3, 5, 7)
+#define LO(a, b) __builtin_shufflevector(a, b, 0, 4, 1, 5)
+#define HI(a, b) __builtin_shufflevector(a, b, 2, 6, 3, 7)
+#else
+#define EVEN(a, b) __builtin_shuffle(a, b, (vl){0, 2, 4, 6})
+#define ODD(a, b) __builtin_shuffle(a, b, (vl){1, 3, 5, 7})
+#define LO(a, b) __builtin_shuffle(a, b, (vl){0, 4, 1, 5})
+#define HI(a, b) __builtin_shuffle(a, b, (vl){2, 6, 3, 7})
+#endif
+
+static inline void load2(const double *x, vd *re, vd *im)
+{
+    vd a, b;
+    memcpy(&a, x, sizeof a);
+    memcpy(&b, x + B, sizeof b);
+    *re = EVEN(a, b);
+    *im = ODD(a, b);
+}
+
+static inline void store2(double *x, vd re, vd im)
+{
+    const vd a = LO(re, im), b = HI(re, im);
+    memcpy(x, &a, sizeof a);
+    memcpy(x + B, &b, sizeof b);
+}
 
 /* complex products of lane vectors: (ar + i aq)(br + i bq) */
 #define MULR(ar, aq, br, bq) ((ar) * (br) - (aq) * (bq))
@@ -60,12 +90,11 @@ static int block(int K, const double *p, int64_t lp, const double *g, int64_t lg
     const double r = eps_inside ? -0.5 : 0.5;
     const double c1 = 1.0 - b1, c2 = 1.0 - b2;
     vd gr[KMAX], gq[KMAX], mr[KMAX], mq[KMAX], vr[KMAX], vq[KMAX], dr[KMAX], dq[KMAX];
-    for (int k = 0; k < K; k++)
-        for (int b = 0; b < B; b++) {
-            gr[k][b] = g[2 * (k * lg + b)]; gq[k][b] = g[2 * (k * lg + b) + 1];
-            mr[k][b] = m[2 * (k * lm + b)]; mq[k][b] = m[2 * (k * lm + b) + 1];
-            vr[k][b] = v[2 * (k * lv + b)]; vq[k][b] = v[2 * (k * lv + b) + 1];
-        }
+    for (int k = 0; k < K; k++) {
+        load2(g + 2 * k * lg, &gr[k], &gq[k]);
+        load2(m + 2 * k * lm, &mr[k], &mq[k]);
+        load2(v + 2 * k * lv, &vr[k], &vq[k]);
+    }
     /* first moment; second moment with g*g from its symmetric products */
     for (int k = 0; k < K; k++) {
         vd sr = {0}, sq = {0};
@@ -127,12 +156,11 @@ static int block(int K, const double *p, int64_t lp, const double *g, int64_t lg
             sr += MULR(mr[j], mq[j], dr[k - j], dq[k - j]);
             sq += MULQ(mr[j], mq[j], dr[k - j], dq[k - j]);
         }
-        for (int b = 0; b < B; b++) {
-            op[2 * (k * lo + b)] = p[2 * (k * lp + b)] + f * sr[b];
-            op[2 * (k * lo + b) + 1] = p[2 * (k * lp + b) + 1] + f * sq[b];
-            om[2 * (k * lo + b)] = mr[k][b]; om[2 * (k * lo + b) + 1] = mq[k][b];
-            ov[2 * (k * lo + b)] = vr[k][b]; ov[2 * (k * lo + b) + 1] = vq[k][b];
-        }
+        vd pr, pq;
+        load2(p + 2 * k * lp, &pr, &pq);
+        store2(op + 2 * k * lo, pr + f * sr, pq + f * sq);
+        store2(om + 2 * k * lo, mr[k], mq[k]);
+        store2(ov + 2 * k * lo, vr[k], vq[k]);
     }
     return bad;
 }
