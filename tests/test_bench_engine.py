@@ -28,11 +28,11 @@ def test_step_durations_and_median(engine):
 def test_fig3_sample_and_extrapolation(engine):
     assert engine.fig3_schedule_sample(1000, 4) == [0, 250, 500, 750]
     assert engine.fig3_schedule_sample(3, 6) == [0, 1, 2]
-    workers = [{"step0_s": 2.0, "steps_s": [0.5, 0.7], "wall_start": 0.0, "wall_end": 5.0},
-               {"step0_s": 1.0, "steps_s": [0.4, 0.4], "wall_start": 1.0, "wall_end": 4.0}]
-    r = engine.fig3_extrapolate(workers, 1000, 500)
-    assert r["per_worker_s"] == pytest.approx([2.0 + 999 * 0.6, 1.0 + 999 * 0.4])
-    assert r["extrapolated_s"] == pytest.approx(2.0 + 999 * 0.6)  # the slower worker
+    workers = [{"step0_s": 2.0, "step1_s": 1.5, "steps_s": [0.5, 0.7], "wall_start": 0.0, "wall_end": 5.0},
+               {"step0_s": 1.0, "step1_s": 0.9, "steps_s": [0.4, 0.4], "wall_start": 1.0, "wall_end": 4.0}]
+    r = engine.fig3_extrapolate(workers, 1000, 500)  # the warm-up steps 0 and 1 once, the mean for the other 998
+    assert r["per_worker_s"] == pytest.approx([2.0 + 1.5 + 998 * 0.6, 1.0 + 0.9 + 998 * 0.4])
+    assert r["extrapolated_s"] == pytest.approx(2.0 + 1.5 + 998 * 0.6)  # the slower worker
     assert r["per_direction_step_s"] == pytest.approx(0.6 / 500) and r["overlap_s"] == 3.0
 
 
