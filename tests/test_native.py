@@ -128,8 +128,9 @@ def test_adam_kernel_declines_what_it_does_not_cover(fresh_native):
 
 
 @needs_cc
-def test_adam_kernel_threads_give_the_same_bytes(fresh_native):
-    """With several torch threads the directions are split across threads: the same bytes as one thread."""
+def test_adam_kernel_threads_and_streaming_give_the_same_bytes(fresh_native, monkeypatch):
+    """With several torch threads the directions are split across threads, and large outputs are written with
+    non-temporal stores: the same bytes as one thread with plain stores."""
     gen = torch.Generator().manual_seed(4)
     M, K, N = 16, 4, 4096
     pc, gc, mc, vc = (_series(gen, M, K, N) for _ in range(4))
@@ -141,3 +142,9 @@ def test_adam_kernel_threads_give_the_same_bytes(fresh_native):
     two = [torch.empty_like(pc) for _ in range(3)]
     assert native.adam_update(pc, gc, mc, vc, *args, *two)
     assert all(torch.equal(a, b) for a, b in zip(one, two))
+    torch.set_num_threads(1)
+    for limit in (0, 1 << 62):  # stream every output / none
+        monkeypatch.setattr(native, "_STREAM_BYTES", limit)
+        out = [torch.empty_like(pc) for _ in range(3)]
+        assert native.adam_update(pc, gc, mc, vc, *args, *out)
+        assert all(torch.equal(a, b) for a, b in zip(one, out)), limit

@@ -69,9 +69,22 @@ static inline void load2(const double *x, vd *re, vd *im)
     *im = ODD(a, b);
 }
 
-static inline void store2(double *x, vd re, vd im)
+#if defined(__AVX__) && B == 4
+#include <immintrin.h>
+#define STREAMING 1
+#endif
+
+/* stream: write around the caches (outputs larger than the caches, read again only at the next step) */
+static inline void store2(double *x, vd re, vd im, int stream)
 {
     const vd a = LO(re, im), b = HI(re, im);
+#ifdef STREAMING
+    if (stream && !((uintptr_t)x & 31)) {
+        _mm256_stream_pd(x, (__m256d)a);
+        _mm256_stream_pd(x + B, (__m256d)b);
+        return;
+    }
+#endif
     memcpy(x, &a, sizeof a);
     memcpy(x + B, &b, sizeof b);
 }
@@ -85,7 +98,7 @@ static inline void store2(double *x, vd re, vd im)
    Returns nonzero where a degree-0 second moment is not real and positive. */
 static int block(int K, const double *p, int64_t lp, const double *g, int64_t lg, const double *m, int64_t lm,
                  const double *v, int64_t lv, double *op, double *om, double *ov, int64_t lo,
-                 double b1, double b2, double f, double bc2, double eps, int eps_inside)
+                 double b1, double b2, double f, double bc2, double eps, int eps_inside, int stream)
 {
     const double r = eps_inside ? -0.5 : 0.5;
     const double c1 = 1.0 - b1, c2 = 1.0 - b2;
@@ -158,9 +171,9 @@ static int block(int K, const double *p, int64_t lp, const double *g, int64_t lg
         }
         vd pr, pq;
         load2(p + 2 * k * lp, &pr, &pq);
-        store2(op + 2 * k * lo, pr + f * sr, pq + f * sq);
-        store2(om + 2 * k * lo, mr[k], mq[k]);
-        store2(ov + 2 * k * lo, vr[k], vq[k]);
+        store2(op + 2 * k * lo, pr + f * sr, pq + f * sq, stream);
+        store2(om + 2 * k * lo, mr[k], mq[k], stream);
+        store2(ov + 2 * k * lo, vr[k], vq[k], stream);
     }
     return bad;
 }
@@ -173,7 +186,7 @@ int delsketch_series_adam(int64_t i0, int64_t i1, int64_t K, int64_t N,
                           const double *p, int64_t sp, const double *g, int64_t sg,
                           const double *m, int64_t sm, const double *v, int64_t sv,
                           double *op, double *om, double *ov,
-                          double b1, double b2, double f, double bc2, double eps, int eps_inside)
+                          double b1, double b2, double f, double bc2, double eps, int eps_inside, int stream)
 {
     static const double zero[2 * B];
     double tp[2 * KMAX * B], tg[2 * KMAX * B], tm[2 * KMAX * B], tv[2 * KMAX * B];
@@ -187,7 +200,7 @@ int delsketch_series_adam(int64_t i0, int64_t i1, int64_t K, int64_t N,
         for (int64_t e = 0; e < full; e += B)
             bad |= block((int)K, pi + 2 * e, N, gi + 2 * e, N, mi ? mi + 2 * e : zero, mi ? N : 0,
                          vi ? vi + 2 * e : zero, vi ? N : 0, opi + 2 * e, omi + 2 * e, ovi + 2 * e, N,
-                         b1, b2, f, bc2, eps, eps_inside);
+                         b1, b2, f, bc2, eps, eps_inside, stream);
         if (full < N) { /* the last partial block, through padded buffers (pad lanes: g = 0, v_0 = 1) */
             const int nb = (int)(N - full);
             memset(tp, 0, sizeof tp); memset(tg, 0, sizeof tg); memset(tm, 0, sizeof tm); memset(tv, 0, sizeof tv);
@@ -199,7 +212,7 @@ int delsketch_series_adam(int64_t i0, int64_t i1, int64_t K, int64_t N,
                 if (mi) memcpy(tm + 2 * k * B, mi + o, 2 * nb * sizeof(double));
                 if (vi) memcpy(tv + 2 * k * B, vi + o, 2 * nb * sizeof(double));
             }
-            bad |= block((int)K, tp, B, tg, B, tm, B, tv, B, to, tom, tov, B, b1, b2, f, bc2, eps, eps_inside);
+            bad |= block((int)K, tp, B, tg, B, tm, B, tv, B, to, tom, tov, B, b1, b2, f, bc2, eps, eps_inside, 0);
             for (int k = 0; k < K; k++) {
                 const int64_t o = 2 * (k * N + full);
                 memcpy(opi + o, to + 2 * k * B, 2 * nb * sizeof(double));
@@ -208,10 +221,16 @@ int delsketch_series_adam(int64_t i0, int64_t i1, int64_t K, int64_t N,
             }
         }
     }
+#ifdef STREAMING
+    if (stream) _mm_sfence();  /* the streamed stores are visible before the call returns */
+#endif
     return bad ? 1 : 0;
 }
 """
 
+#: outputs of at least this many bytes are written around the caches (non-temporal stores, where the CPU has
+#: AVX): they exceed the caches and are read again only at the next step. Same bytes either way.
+_STREAM_BYTES = 1 << 24
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
 _lock = threading.Lock()
 _state: dict = {}
@@ -284,7 +303,7 @@ def _load():
             fn = lib.delsketch_series_adam
             i64, dp, dbl = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
             fn.argtypes = [i64, i64, i64, i64, dp, i64, dp, i64, dp, i64, dp, i64, dp, dp, dp,
-                           dbl, dbl, dbl, dbl, dbl, ctypes.c_int]
+                           dbl, dbl, dbl, dbl, dbl, ctypes.c_int, ctypes.c_int]
             fn.restype = ctypes.c_int
             return lib, "compiled", str(so)
         except (OSError, subprocess.SubprocessError, AttributeError) as e:
@@ -353,7 +372,8 @@ def adam_update(pc, gc, mc, vc, b1: float, b2: float, f: float, bc2: float, eps:
         return False
     ptr = lambda x: None if x is None else x.data_ptr()
     args = (K, N, ptr(pc), strides[0], ptr(gc), strides[1], ptr(mc), strides[2] or 0, ptr(vc), strides[3] or 0,
-            out_p.data_ptr(), out_m.data_ptr(), out_v.data_ptr(), b1, b2, f, bc2, eps, int(bool(eps_inside)))
+            out_p.data_ptr(), out_m.data_ptr(), out_v.data_ptr(), b1, b2, f, bc2, eps, int(bool(eps_inside)),
+            int(3 * out_p.numel() * 16 >= _STREAM_BYTES))
     fn = lib.delsketch_series_adam
     threads = max(1, min(torch.get_num_threads(), M, (M * K * N) >> 15))
     if threads == 1:
