@@ -208,10 +208,22 @@ def _silu_backward_formula(g, x):
     return g * s * (1 + x * (1 - s))
 
 
+def _gelu_backward_formula(g, x):
+    return g * (0.5 * (1 + torch.erf(x / math.sqrt(2))) + x * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi))
+
+
+def _gelu_tanh_backward_formula(g, x):  # the tanh form, as torch writes the approximation
+    c = math.sqrt(2 / math.pi)
+    t = torch.tanh(c * (x + 0.044715 * x**3))
+    return g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x))
+
+
 BINARY = [
     ("mul", R.mul, torch.mul, None),
     ("div", R.div, torch.div, (0.5, 2.0)),
     ("silu_backward", R.silu_backward, _silu_backward_formula, None),
+    ("gelu_backward", R.gelu_backward, _gelu_backward_formula, None),
+    ("gelu_tanh_backward", R.gelu_tanh_backward, _gelu_tanh_backward_formula, None),
 ]
 
 

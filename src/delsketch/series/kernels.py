@@ -86,6 +86,8 @@ __all__ = [
     "gelu_tanh",
     "silu",
     "silu_backward",
+    "gelu_backward",
+    "gelu_tanh_backward",
     "compose",
     "truncate",
     "constant",
@@ -957,6 +959,40 @@ def gelu_tanh(a: torch.Tensor) -> torch.Tensor:
     a3 = mul(a, _square(a))
     inner = a3.mul_(0.044715).add_(a).mul_(2.0 * _GELU_TANH_C)
     return mul(a, sigmoid(inner))
+
+
+def gelu_backward(grad: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """grad * gelu'(a) = grad * (Phi(a) + a phi(a)), phi = Phi' = exp(-a^2/2) / sqrt(2 pi).
+
+    One square and one exp recurrence give phi with all K coefficients; Phi is phi integrated along a
+    (:func:`compose`); then two Cauchy products. (torch's decomposition computes erf, which squares and
+    exponentiates again, the normal density a second time, and several scalings: twice the passes.)
+    """
+    _check_series(a, "gelu_backward")
+    s = _square(a)
+    s.mul_(-0.5)
+    phi = _exp(s, _INV_SQRT_2PI)
+    del s
+    d = mul(a, phi)
+    d += compose(a, 0.5 * _erfc0(-a[:, 0] * (1.0 / _SQRT_2)), phi)
+    del phi
+    return mul(grad, d)
+
+
+def gelu_tanh_backward(grad: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """grad * d/da [a sigmoid(y)], y = 2 c (a + 0.044715 a^3), c = sqrt(2/pi) (the tanh GELU, as
+    :func:`gelu_tanh`): grad * (s + a s' y'), with s and s' from one Riccati recurrence."""
+    _check_series(a, "gelu_tanh_backward")
+    a2 = _square(a)
+    y = mul(a, a2).mul_(0.044715).add_(a).mul_(2.0 * _GELU_TANH_C)
+    s, sp = _sigmoid_and_derivative(y)
+    del y
+    dy = a2.mul_(3.0 * 0.044715 * 2.0 * _GELU_TANH_C)
+    dy[:, 0] += 2.0 * _GELU_TANH_C
+    d = mul(a, mul(sp, dy))
+    del sp, dy
+    d += s
+    return mul(grad, d)
 
 
 def silu(a: torch.Tensor) -> torch.Tensor:

@@ -1064,6 +1064,15 @@ def _silu_backward(grad_output, self):
     return _wrap(ring.silu_backward(_const(grad_output, K), _const(self, K)))
 
 
+@rule(aten.gelu_backward.default)
+def _gelu_backward(grad_output, self, approximate="none"):
+    K = _K_of(grad_output, self)
+    if approximate not in ("none", "tanh"):
+        raise UnsupportedOpError(f"gelu_backward approximate={approximate!r}")
+    kern = ring.gelu_backward if approximate == "none" else ring.gelu_tanh_backward
+    return _wrap(kern(_const(grad_output, K), _const(self, K)))
+
+
 @rule(aten.gelu.default)
 def _gelu(x, approximate="none"):
     if approximate == "none":
@@ -1478,7 +1487,6 @@ use_torch_decomposition(
     aten.nll_loss_forward,
     aten.nll_loss_backward,
     aten.nll_loss2d_forward,
-    aten.gelu_backward,
     aten.tanh_backward,
     aten.sigmoid_backward,
     aten.softplus_backward,
