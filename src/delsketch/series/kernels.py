@@ -885,9 +885,9 @@ def _erfc0(x: torch.Tensor) -> torch.Tensor:
     return torch.special.erfc(x)
 
 
-def _neg_half_sq_exp(u: torch.Tensor, c: float, scale: float) -> torch.Tensor:
-    """scale * exp(-c u^2) with K-1 coefficients (all that compose needs)."""
-    s = _square(u[:, : u.shape[1] - 1])
+def _neg_half_sq_exp(u: torch.Tensor, c: float, scale: float, full: bool = False) -> torch.Tensor:
+    """scale * exp(-c u^2) with K-1 coefficients (all that compose needs), or all K with ``full``."""
+    s = _square(u if full else u[:, : u.shape[1] - 1])
     s.mul_(-c)
     return _exp(s, scale)
 
@@ -902,10 +902,15 @@ def erf(a: torch.Tensor) -> torch.Tensor:
 
 def _ndtr(a: torch.Tensor) -> torch.Tensor:
     """Phi(a), the standard normal CDF: Phi' = exp(-u^2/2)/sqrt(2 pi)."""
-    f0 = 0.5 * _erfc0(-a[:, 0] * (1.0 / _SQRT_2))  # no cancellation for a_0 << 0
+    f0 = _ndtr0(a[:, 0])
     if a.shape[1] == 1:
         return _new_like0(a, f0)
     return compose(a, f0, _neg_half_sq_exp(a, 0.5, _INV_SQRT_2PI))
+
+
+def _ndtr0(x: torch.Tensor) -> torch.Tensor:
+    """Phi at degree-0 coefficients, through erfc: no cancellation for x << 0."""
+    return 0.5 * _erfc0(-x * (1.0 / _SQRT_2))
 
 
 def tanh(a: torch.Tensor) -> torch.Tensor:
@@ -956,9 +961,13 @@ def gelu_tanh(a: torch.Tensor) -> torch.Tensor:
     without the cancellation in 1 + tanh for a_0 << 0.
     """
     _check_series(a, "gelu_tanh")
-    a3 = mul(a, _square(a))
-    inner = a3.mul_(0.044715).add_(a).mul_(2.0 * _GELU_TANH_C)
-    return mul(a, sigmoid(inner))
+    return mul(a, sigmoid(_gelu_tanh_arg(a)[1]))
+
+
+def _gelu_tanh_arg(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a^2, y) with y = 2 sqrt(2/pi) (a + 0.044715 a^3), the argument of the tanh GELU's sigmoid."""
+    a2 = _square(a)
+    return a2, mul(a, a2).mul_(0.044715).add_(a).mul_(2.0 * _GELU_TANH_C)
 
 
 def gelu_backward(grad: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -969,12 +978,9 @@ def gelu_backward(grad: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     exponentiates again, the normal density a second time, and several scalings: twice the passes.)
     """
     _check_series(a, "gelu_backward")
-    s = _square(a)
-    s.mul_(-0.5)
-    phi = _exp(s, _INV_SQRT_2PI)
-    del s
+    phi = _neg_half_sq_exp(a, 0.5, _INV_SQRT_2PI, full=True)
     d = mul(a, phi)
-    d += compose(a, 0.5 * _erfc0(-a[:, 0] * (1.0 / _SQRT_2)), phi)
+    d += compose(a, _ndtr0(a[:, 0]), phi)
     del phi
     return mul(grad, d)
 
@@ -983,8 +989,7 @@ def gelu_tanh_backward(grad: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """grad * d/da [a sigmoid(y)], y = 2 c (a + 0.044715 a^3), c = sqrt(2/pi) (the tanh GELU, as
     :func:`gelu_tanh`): grad * (s + a s' y'), with s and s' from one Riccati recurrence."""
     _check_series(a, "gelu_tanh_backward")
-    a2 = _square(a)
-    y = mul(a, a2).mul_(0.044715).add_(a).mul_(2.0 * _GELU_TANH_C)
+    a2, y = _gelu_tanh_arg(a)
     s, sp = _sigmoid_and_derivative(y)
     del y
     dy = a2.mul_(3.0 * 0.044715 * 2.0 * _GELU_TANH_C)

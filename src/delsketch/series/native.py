@@ -294,10 +294,9 @@ def _load():
     last = None
     for d in (_cache_dir(), Path(tempfile.gettempdir()) / f"delsketch-{os.getuid() if hasattr(os, 'getuid') else 0}"):
         so = d / f"native-{key}.so"
+        sha = so.with_suffix(".sha256")
         try:
-            ok = so.exists() and so.with_suffix(".sha256").exists() and \
-                so.with_suffix(".sha256").read_text().strip() == _sha256(so)
-            if not ok:
+            if not (so.exists() and sha.exists() and sha.read_text().strip() == _sha256(so)):
                 _build(cc, so)
             lib = ctypes.CDLL(str(so))
             fn = lib.delsketch_series_adam
