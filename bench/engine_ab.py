@@ -1,10 +1,11 @@
 """In-process A/B of the engine's speed paths on the paper task (figure 3's ring run): degree 3, m directions,
 one thread, configurations alternated round by round in one process, so that load and memory state hit all alike.
 
-Configurations: everything on; without the native Adam kernel (eager slices); without the stacked small
-matmuls (generic Cauchy products); with neither. Each run times steps spread over the 1000-step schedule (the
-first two steps of a run, where the state is still plain and the heap cache grows, are left out), and the time
-inside ``Adam.step`` separately.
+Configurations: everything on; without the relaxed garbage collector (CPython's default thresholds); without
+the native small-matrix kernel (torch's stacked matmuls); without both (session 10's engine); without any
+native kernel, stacked matmul or relaxed collector (session 9's). Each run times steps spread over the
+1000-step schedule (the first two steps of a run, where the state is still plain and the heap cache grows, are
+left out), and the time inside ``Adam.step`` separately.
 
     PYTHONPATH=src python bench/engine_ab.py [--m 250] [--rounds 4] [--steps 9]   # -> bench/results/engine-ab.json
 """
@@ -25,11 +26,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 CONFIGS = {
-    "all on": {"native": True, "small": True},
-    "no native Adam": {"native": False, "small": True},
-    "no stacked small matmuls": {"native": True, "small": False},
-    "neither": {"native": False, "small": False},
+    "all on": {"native": True, "native_matmul": True, "small": True, "gc": True},
+    "no relaxed gc": {"native": True, "native_matmul": True, "small": True, "gc": False},
+    "no native matmul": {"native": True, "native_matmul": False, "small": True, "gc": True},
+    "session 10": {"native": True, "native_matmul": False, "small": True, "gc": False},
+    "neither (session 9)": {"native": False, "native_matmul": False, "small": False, "gc": False},
 }
+BASE = "neither (session 9)"
 
 
 def main(argv=None) -> int:
@@ -42,6 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "engine-ab.json"))
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
+    from delsketch import _alloc
     from delsketch.io import versions, write_json
     from delsketch.series import kernels, native
     from delsketch.sketch import directions, ring_train, weight_series
@@ -54,6 +58,7 @@ def main(argv=None) -> int:
     opt_cls = type(task.optimizer)
     step_fn = opt_cls.step
     small_fn = kernels._matmul_small
+    gc0 = _alloc.GC_THRESHOLD0
     inside = {"opt": 0.0}
 
     def timed_step(self, *args, **kw):
@@ -67,6 +72,8 @@ def main(argv=None) -> int:
         os.environ["DELSKETCH_NATIVE"] = "1" if cfg["native"] else "0"
         native._reset()
         kernels._matmul_small = small_fn if cfg["small"] else (lambda x, y: kernels._bilinear_generic(torch.matmul, x, y))
+        kernels._NATIVE_SMALL = cfg["native_matmul"]
+        _alloc.GC_THRESHOLD0 = gc0 if cfg["gc"] else 0  # 0: the thresholds as they are
 
     opt_cls.step = timed_step
     results = {name: {"step_s": [], "optimizer_s": []} for name in CONFIGS}
@@ -94,18 +101,20 @@ def main(argv=None) -> int:
     finally:
         opt_cls.step = step_fn
         kernels._matmul_small = small_fn
+        kernels._NATIVE_SMALL = True
+        _alloc.GC_THRESHOLD0 = gc0
         os.environ.pop("DELSKETCH_NATIVE", None)
         native._reset()
-    base = statistics.mean(results["neither"]["step_s"])
+    base = statistics.mean(results[BASE]["step_s"])
     table = {}
     print(f"\npaper task, degree {a.degree}, m = {a.m}, one thread, {a.rounds} rounds x {len(sample)} steps "
           f"(load {load0[0]:.2f} -> {os.getloadavg()[0]:.2f})")
-    print(f"{'configuration':28s} {'step (mean)':>12s} {'Adam.step':>10s} {'vs neither':>10s}")
+    print(f"{'configuration':28s} {'step (mean)':>12s} {'Adam.step':>10s} {'vs session 9':>12s}")
     for name, r in results.items():
         st, op = statistics.mean(r["step_s"]), statistics.mean(r["optimizer_s"])
         table[name] = {"step_mean_s": st, "step_median_s": statistics.median(r["step_s"]), "optimizer_mean_s": op,
-                       "speedup_vs_neither": base / st, **r}
-        print(f"{name:28s} {st:10.3f} s {op:8.3f} s {base / st:9.2f}x")
+                       "speedup_vs_session9": base / st, **r}
+        print(f"{name:28s} {st:10.3f} s {op:8.3f} s {base / st:11.2f}x")
     write_json(Path(a.out), {"task": "paper", "degree": a.degree, "m": a.m, "rounds": a.rounds,
                              "sampled_steps": sample, "configs": CONFIGS, "results": table,
                              "loadavg_start": load0, "loadavg_end": list(os.getloadavg()),

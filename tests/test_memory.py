@@ -192,3 +192,40 @@ def test_heap_cache_keeps_large_blocks_in_the_heap():
     if out == "skip":
         pytest.skip("needs glibc >= 2.33")
     assert out == "ok"
+
+
+def test_relaxed_gc_during_a_ring_run_and_restored_after(names_txt):
+    """Inside a ring run the cyclic collector's first threshold is raised (nested contexts count once); after
+    the run the user's thresholds are back, and cyclic garbage made inside is still collected."""
+    import gc  # noqa: PLC0415
+    import weakref  # noqa: PLC0415
+
+    from delsketch import _alloc  # noqa: PLC0415
+    from delsketch.sketch import directions, ring_train, weight_series  # noqa: PLC0415
+
+    old = gc.get_threshold()
+    gc.set_threshold(600, 9, 8)
+    try:
+        seen = []
+        task = get_preset("paper")(steps=2, data=str(names_txt))
+        ring_train(task, weight_series(directions(0, range(2), task.n), 1),
+                   callback=lambda s, loss: seen.append(gc.get_threshold()))
+        assert seen == [(_alloc.GC_THRESHOLD0, 9, 8)] * 2
+        assert gc.get_threshold() == (600, 9, 8)
+        with _alloc.relaxed_gc():
+            with _alloc.relaxed_gc():
+                assert gc.get_threshold()[0] == _alloc.GC_THRESHOLD0
+
+                class Cycle:
+                    pass
+
+                c = Cycle()
+                c.me = c
+                ref = weakref.ref(c)
+                del c
+            assert gc.get_threshold()[0] == _alloc.GC_THRESHOLD0
+        assert gc.get_threshold() == (600, 9, 8)
+        gc.collect()
+        assert ref() is None
+    finally:
+        gc.set_threshold(*old)

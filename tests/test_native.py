@@ -1,5 +1,6 @@
 """The native (C) series kernels: built on first use, checked by checksum, and equal to the eager PyTorch code."""
 
+import itertools
 import os
 import shutil
 
@@ -148,3 +149,76 @@ def test_adam_kernel_threads_and_streaming_give_the_same_bytes(fresh_native, mon
         out = [torch.empty_like(pc) for _ in range(3)]
         assert native.adam_update(pc, gc, mc, vc, *args, *out)
         assert all(torch.equal(a, b) for a, b in zip(one, out)), limit
+
+
+def _generic_matmul(a, b):
+    """The Cauchy matmul by its definition: c_k = sum_j a_j @ b_{k-j}, one torch.matmul per product."""
+    from delsketch.series.kernels import _bilinear_generic  # noqa: PLC0415
+
+    return _bilinear_generic(torch.matmul, a, b)
+
+
+def _mat_series(gen, m, K, shape, real0, col_major=False, expand_rows=False):
+    x = torch.randn(m, K, *shape, generator=gen, dtype=torch.complex128)
+    if real0:
+        x[:, 0] = x[:1, 0].real
+    if col_major:
+        x = x.mT.contiguous().mT
+    if expand_rows:  # a stride-0 row axis (as an expanded bias would have)
+        x = x[..., :1, :].expand(*x.shape)
+    return x
+
+
+@needs_cc
+@pytest.mark.parametrize("K", [1, 2, 4, 7])
+def test_cauchy_matmul_kernel_equals_definition(fresh_native, K):
+    """Tile edges (p, n not multiples of the 4 x 4 tile, a single row or column), real or complex degree-0
+    parts on either side (the half-cost products are taken only where all imaginary parts are zero), row- and
+    column-major operands read in place or packed, stride-0 rows, broadcast directions and heads."""
+    gen = torch.Generator().manual_seed(90 + K)
+    shapes = [((1, 3), (3, 1)), ((7, 16), (16, 27)), ((5, 2), (2, 8)), ((2, 7, 4), (2, 4, 7)),
+              ((1, 6, 5), (3, 5, 4)), ((3, 9, 3), (1, 3, 12))]
+    n = 0
+    for (sa, sb), (ma, mb), ra, rb, ta, tb in itertools.product(
+            shapes, [(3, 3), (1, 3), (3, 1)], [True, False], [True, False], [False, True], [False, True]):
+        a = _mat_series(gen, ma, K, sa, ra, col_major=ta, expand_rows=(n % 7 == 3))
+        b = _mat_series(gen, mb, K, sb, rb, col_major=tb)
+        got = native.cauchy_matmul(a, b)
+        ref = _generic_matmul(a, b)
+        what = f"K={K} {sa}{'T' if ta else ''} @ {sb}{'T' if tb else ''} m={ma},{mb} real0={ra},{rb}"
+        assert got is not None and got.shape == ref.shape and got.is_contiguous(), what
+        err = ((got - ref).abs().max() / ref.abs().max()).item()
+        assert err < 1e-14, f"{what}: {err:.1e}"
+        n += 1
+    # a degree-0 part with one nonzero imaginary part must not take the real path
+    a = _mat_series(gen, 2, K, (4, 4), True)
+    b = _mat_series(gen, 2, K, (4, 4), True)
+    a[1, 0, 2, 3] += 0.5j
+    b[0, 0, 1, 1] += 0.25j
+    got, ref = native.cauchy_matmul(a, b), _generic_matmul(a, b)
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-14
+
+
+@needs_cc
+def test_cauchy_matmul_kernel_declines_and_threads(fresh_native, monkeypatch):
+    """What the kernel does not take (None: the caller's torch code runs), and the same bytes on any thread
+    count."""
+    gen = torch.Generator().manual_seed(97)
+    a = _mat_series(gen, 4, 3, (5, 6), True)
+    b = _mat_series(gen, 4, 3, (6, 7), True)
+    assert native.cauchy_matmul(a.real.contiguous(), b.real.contiguous()) is None  # not complex128
+    assert native.cauchy_matmul(a.to(torch.complex64), b.to(torch.complex64)) is None
+    assert native.cauchy_matmul(a, b[:, :2]) is None  # series lengths differ
+    assert native.cauchy_matmul(a, b.mT) is None  # inner dimensions differ
+    assert native.cauchy_matmul(a[:, :, 0], b) is None  # ranks differ
+    assert native.cauchy_matmul(a.conj(), b) is None  # a lazy conjugate
+    big_a = _mat_series(gen, 64, 4, (7, 16), True)
+    big_b = _mat_series(gen, 64, 4, (16, 16), True, col_major=True)
+    torch.set_num_threads(1)
+    one = native.cauchy_matmul(big_a, big_b)
+    torch.set_num_threads(2)
+    two = native.cauchy_matmul(big_a, big_b)
+    assert torch.equal(one, two)
+    monkeypatch.setenv("DELSKETCH_NATIVE", "0")
+    native._reset()
+    assert native.cauchy_matmul(big_a, big_b) is None

@@ -642,13 +642,17 @@ MATMUL_SHAPES = [  # as small matrices: b_k largest (rows stacked), a_k largest 
 ]
 
 
-@pytest.mark.parametrize("small", [False, True], ids=["real0", "small"])
+@pytest.mark.parametrize("small", [False, "native", "torch"], ids=["real0", "small-native", "small-torch"])
 @pytest.mark.parametrize("K", [1, 2, 4, 7])
 def test_bilinear_matmul_real0_vs_generic(K, small, shortcut_calls, monkeypatch):
     """All layouts (row-/column-major a and b), m broadcasts, shared or per-direction a_0, real or complex b_0;
-    as large matrices (the real degree-0 split) and as small ones (stacked rows, columns or inner blocks)."""
+    as large matrices (the real degree-0 split) and as small ones (the native kernel, or torch's stacked rows,
+    columns or inner blocks)."""
     if small:
         monkeypatch.setattr(R, "_SMALL_MATMUL_MACS", 1 << 15)
+        monkeypatch.setattr(R, "_NATIVE_SMALL", small == "native")
+        if small == "native" and not R.native.available():
+            pytest.skip(f"native kernels not built: {R.native.status()['reason']}")
     gen = torch.Generator().manual_seed(61 + K)
     n = 0
     for (sa, sb), (ma, mb), ta, tb, shared, rb in itertools.product(

@@ -67,6 +67,8 @@ from typing import Callable
 
 import torch
 
+from . import native
+
 __all__ = [
     "SeriesDomainError",
     "mul",
@@ -340,11 +342,26 @@ _MATMUL_MIN_NUMEL = 1 << 17
 # passes cost more than its flops save; they take _matmul_small (in-process A/B on the paper task,
 # docs/performance.md)
 _SMALL_MATMUL_MACS = 1 << 15
+# small matrices go through the native kernel when it is available (tests switch it off to check the torch code)
+_NATIVE_SMALL = True
 
 
 def _matmul_small(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """bilinear(torch.matmul) for series of small matrices (equal rank >= 4, batch dims broadcast): the K(K+1)/2
-    products as K matmuls, each coefficient of the largest of a_k, b_k, c_k touched once.
+    """bilinear(torch.matmul) for series of small matrices (equal rank >= 4, batch dims broadcast).
+
+    The native kernel (:func:`delsketch.series.native.cauchy_matmul`) when it is built and takes the operands,
+    else :func:`_matmul_stacked`.
+    """
+    if _NATIVE_SMALL:
+        out = native.cauchy_matmul(a, b)
+        if out is not None:
+            return out
+    return _matmul_stacked(a, b)
+
+
+def _matmul_stacked(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """bilinear(torch.matmul) for series of small matrices in torch: the K(K+1)/2 products as K matmuls, each
+    coefficient of the largest of a_k, b_k, c_k touched once.
 
     Small matmuls are bound by memory, not flops, and the generic products read every b_j K - j times, every
     a_i K - i times and write a temporary per product. Here the smaller operand's coefficients are stacked (one

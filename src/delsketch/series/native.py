@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "status", "adam_update", "KMAX"]
+__all__ = ["available", "status", "adam_update", "cauchy_matmul", "KMAX"]
 
 #: the longest series (coefficients) the kernels take; longer ones use the eager code
 KMAX = 16
@@ -40,6 +40,7 @@ KMAX = 16
 _SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define KMAX 16
@@ -226,6 +227,149 @@ int delsketch_series_adam(int64_t i0, int64_t i1, int64_t K, int64_t N,
 #endif
     return bad ? 1 : 0;
 }
+
+/* ---------------------------------------------------------------------------------------------------------
+   Cauchy products of small complex matrices: c_k = sum_{j<=k} a_j b_{k-j}, k < K, for every outer index (the
+   direction and the batch dims). Each outer index packs its a and b into padded buffers (any strides), then
+   computes MR x NC tiles of each c_k in registers. Where a_0 (b_0) has a zero imaginary part throughout (the
+   engine's degree-0 coefficients are real), its products take half the multiplications. */
+#define MR 4                 /* rows of a tile */
+#define NV 2                 /* vectors per tile row */
+#define NC (NV * B / 2)      /* complex columns of a tile */
+#if defined(__clang__)
+#define SWAP(x) __builtin_shufflevector(x, x, 1, 0, 3, 2)
+#define DUPRE(x) __builtin_shufflevector(x, x, 0, 0, 2, 2)
+#else
+#define SWAP(x) __builtin_shuffle(x, (vl){1, 0, 3, 2})
+#define DUPRE(x) __builtin_shuffle(x, (vl){0, 0, 2, 2})
+#endif
+
+static inline vd bc1(double x) { return (vd){x, x, x, x}; }
+static inline vd bc2(const double *z) { return (vd){z[0], z[1], z[0], z[1]}; }
+
+/* Tile (rows i0.., columns l0..) of c_k = sum_j a_j b_{k-j}: a_j at pa + j * sa (MR rows of q, row stride q),
+   b_j at pb + j * sb (row stride ldb), complex numbers. a0r/b0r: a_0/b_0 are real (their products take half
+   the multiplications). Writes t [MR][NC] complex. */
+static void mm_tile(int k, int64_t q, const double *pa, int64_t sa, const double *pb, int64_t sb, int64_t ldb,
+                    int a0r, int b0r, double *t)
+{
+    const vd sgn = {-1.0, 1.0, -1.0, 1.0};
+    vd acc[MR][NV];
+    for (int i = 0; i < MR; i++)
+        for (int v = 0; v < NV; v++) acc[i][v] = (vd){0};
+    for (int j = 0; j <= k; j++) {
+        const double *A = pa + 2 * j * sa, *P = pb + 2 * (k - j) * sb;
+        if (j == 0 && a0r) {         /* real a_0: ar (br, bi) */
+            for (int64_t r = 0; r < q; r++) {
+                vd x[NV];
+                memcpy(x, P + 2 * r * ldb, sizeof x);
+                for (int i = 0; i < MR; i++) {
+                    const vd s = bc1(A[2 * (i * q + r)]);
+                    for (int v = 0; v < NV; v++) acc[i][v] += s * x[v];
+                }
+            }
+        } else if (j == k && b0r) {  /* real b_0: (ar, ai) (br, br) */
+            for (int64_t r = 0; r < q; r++) {
+                vd x[NV];
+                memcpy(x, P + 2 * r * ldb, sizeof x);
+                for (int v = 0; v < NV; v++) x[v] = DUPRE(x[v]);
+                for (int i = 0; i < MR; i++) {
+                    const vd s = bc2(A + 2 * (i * q + r));
+                    for (int v = 0; v < NV; v++) acc[i][v] += s * x[v];
+                }
+            }
+        } else {                     /* ar (br, bi) + ai (-bi, br) */
+            for (int64_t r = 0; r < q; r++) {
+                vd x[NV], y[NV];
+                memcpy(x, P + 2 * r * ldb, sizeof x);
+                for (int v = 0; v < NV; v++) y[v] = SWAP(x[v]) * sgn;
+                for (int i = 0; i < MR; i++) {
+                    const vd sr = bc1(A[2 * (i * q + r)]), si = bc1(A[2 * (i * q + r) + 1]);
+                    for (int v = 0; v < NV; v++) {
+                        acc[i][v] += sr * x[v];
+                        acc[i][v] += si * y[v];
+                    }
+                }
+            }
+        }
+    }
+    memcpy(t, acc, sizeof acc);
+}
+
+/* y[i][j] (row stride ld) = x[i * rs + j * cs], complex numbers */
+static void pack(const double *x, int64_t rs, int64_t cs, int64_t rows, int64_t cols, double *y, int64_t ld)
+{
+    if (cs == 1) {
+        for (int64_t i = 0; i < rows; i++) memcpy(y + 2 * i * ld, x + 2 * i * rs, (size_t)(2 * cols) * sizeof(double));
+    } else if (rs == 1) {
+        for (int64_t j = 0; j < cols; j++)
+            for (int64_t i = 0; i < rows; i++) {
+                y[2 * (i * ld + j)] = x[2 * (i + j * cs)];
+                y[2 * (i * ld + j) + 1] = x[2 * (i + j * cs) + 1];
+            }
+    } else {
+        for (int64_t i = 0; i < rows; i++)
+            for (int64_t j = 0; j < cols; j++) {
+                y[2 * (i * ld + j)] = x[2 * (i * rs + j * cs)];
+                y[2 * (i * ld + j) + 1] = x[2 * (i * rs + j * cs) + 1];
+            }
+    }
+}
+
+/* all imaginary parts of the rows x cols matrix at x (row stride ld, unit column stride) are zero */
+static int real_part_only(const double *x, int64_t rows, int64_t cols, int64_t ld)
+{
+    int z = 1;
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t j = 0; j < cols; j++) z &= x[2 * (i * ld + j) + 1] == 0.0;
+    return z;
+}
+
+/* Outer indices [o0, o1) of c [outer][K][p][n] (row-major matrices; cs: outer strides, ck: coefficient stride)
+   from a, b with element strides (in complex numbers) as [outer dims][K][rows][cols]; nd outer dims of the
+   given sizes (strides 0 broadcast). b is read in place when its rows are contiguous and n is a multiple of
+   the tile width, else packed with a (padded to whole tiles, zeros). Returns 0, or 3 when out of memory. */
+int delsketch_cauchy_matmul(int64_t o0, int64_t o1, int64_t K, int64_t p, int64_t q, int64_t n, int64_t nd,
+                            const int64_t *sizes, const double *a, const int64_t *as, int64_t ak, int64_t ar,
+                            int64_t ac, const double *b, const int64_t *bs, int64_t bk, int64_t br, int64_t bc,
+                            double *c, const int64_t *cs, int64_t ck)
+{
+    const int64_t pp = (p + MR - 1) / MR * MR, np = (n + NC - 1) / NC * NC;
+    const int direct = bc == 1 && n == np;
+    const int64_t na = 2 * K * pp * q, nb = direct ? 0 : 2 * K * q * np;
+    double *buf = calloc((size_t)(na + nb + 2 * MR * NC), sizeof(double));
+    if (!buf) return 3;
+    double *pa = buf, *pb = pa + na, *t = pb + nb;
+    for (int64_t o = o0; o < o1; o++) {
+        int64_t rem = o, oa = 0, ob = 0, oc = 0;
+        for (int64_t d = nd - 1; d >= 0; d--) {
+            const int64_t i = rem % sizes[d];
+            rem /= sizes[d];
+            oa += i * as[d]; ob += i * bs[d]; oc += i * cs[d];
+        }
+        for (int64_t k = 0; k < K; k++) pack(a + 2 * (oa + k * ak), ar, ac, p, q, pa + 2 * k * pp * q, q);
+        const double *B0;
+        int64_t sb, ldb;
+        if (direct) {
+            B0 = b + 2 * ob; sb = bk; ldb = br;
+        } else {
+            for (int64_t k = 0; k < K; k++) pack(b + 2 * (ob + k * bk), br, bc, q, n, pb + 2 * k * q * np, np);
+            B0 = pb; sb = q * np; ldb = np;
+        }
+        const int a0r = real_part_only(pa, p, q, q), b0r = real_part_only(B0, q, n, ldb);
+        for (int64_t l0 = 0; l0 < np; l0 += NC)
+            for (int64_t i0 = 0; i0 < pp; i0 += MR)
+                for (int64_t k = 0; k < K; k++) {
+                    mm_tile((int)k, q, pa + 2 * i0 * q, pp * q, B0 + 2 * l0, sb, ldb, a0r, b0r, t);
+                    const int64_t ni = p - i0 < MR ? p - i0 : MR, nl = n - l0 < NC ? n - l0 : NC;
+                    for (int64_t i = 0; i < ni; i++)
+                        memcpy(c + 2 * (oc + k * ck + (i0 + i) * n + l0), t + 2 * i * NC,
+                               (size_t)(2 * nl) * sizeof(double));
+                }
+    }
+    free(buf);
+    return 0;
+}
 """
 
 #: outputs of at least this many bytes are written around the caches (non-temporal stores, where the CPU has
@@ -304,6 +448,10 @@ def _load():
             fn.argtypes = [i64, i64, i64, i64, dp, i64, dp, i64, dp, i64, dp, i64, dp, dp, dp,
                            dbl, dbl, dbl, dbl, dbl, ctypes.c_int, ctypes.c_int]
             fn.restype = ctypes.c_int
+            mm = lib.delsketch_cauchy_matmul
+            ip = ctypes.POINTER(i64)
+            mm.argtypes = [i64] * 7 + [ip, dp, ip, i64, i64, i64, dp, ip, i64, i64, i64, dp, ip, i64]
+            mm.restype = ctypes.c_int
             return lib, "compiled", str(so)
         except (OSError, subprocess.SubprocessError, AttributeError) as e:
             last = e
@@ -382,3 +530,59 @@ def adam_update(pc, gc, mc, vc, b1: float, b2: float, f: float, bc2: float, eps:
         with ThreadPoolExecutor(threads) as ex:
             rc = max(ex.map(lambda t: fn(cuts[t], cuts[t + 1], *args), range(threads)))
     return rc == 0
+
+
+def _plain_c128(x: torch.Tensor) -> bool:
+    return x.dtype == torch.complex128 and x.device.type == "cpu" and not x.is_conj() and not x.is_neg()
+
+
+def cauchy_matmul(a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
+    """``c_k = sum_{j<=k} a_j @ b_{k-j}`` for series of matrices ``a [m_a, K, *batch_a, p, q]``,
+    ``b [m_b, K, *batch_b, q, n]`` of equal rank >= 4 (m and batch dims broadcast as in torch.matmul), any
+    strides: a contiguous ``[M, K, *batch, p, n]``. None when the kernel does not apply (no library, not
+    complex128 on the CPU, shapes that do not match); the caller then takes its torch code.
+
+    Meant for small matrices, which torch's batched matmuls handle at ~1 us of overhead per matrix and with
+    every coefficient read K times: here each outer index reads a and b once into padded buffers. Products with
+    a degree-0 coefficient whose imaginary parts are all zero take half the multiplications."""
+    lib = _get()
+    if lib is None or not (_plain_c128(a) and _plain_c128(b)) or a.dim() != b.dim() or a.dim() < 4:
+        return None
+    K, p, q, n = a.shape[1], a.shape[-2], a.shape[-1], b.shape[-1]
+    if b.shape[1] != K or b.shape[-2] != q or min(p, q, n, K) == 0:
+        return None
+    try:
+        batch = tuple(torch.broadcast_shapes(a.shape[2:-2], b.shape[2:-2]))
+        M = torch.broadcast_shapes(a.shape[:1], b.shape[:1])[0]
+    except RuntimeError:
+        return None
+    outer = (M, *batch)
+    ae = a.expand(M, K, *batch, p, q)
+    be = b.expand(M, K, *batch, q, n)
+    out = torch.empty((M, K, *batch, p, n), dtype=torch.complex128)
+    nd = len(outer)
+
+    def arr(vals):
+        return (ctypes.c_int64 * len(vals))(*vals)
+
+    def outer_strides(x):
+        st = x.stride()
+        return arr([st[0], *st[2 : 2 + len(batch)]])
+
+    sa, sb, so = ae.stride(), be.stride(), out.stride()
+    args = (K, p, q, n, nd, arr(outer), ae.data_ptr(), outer_strides(ae), sa[1], sa[-2], sa[-1],
+            be.data_ptr(), outer_strides(be), sb[1], sb[-2], sb[-1], out.data_ptr(), outer_strides(out), so[1])
+    total = 1
+    for s in outer:
+        total *= s
+    fn = lib.delsketch_cauchy_matmul
+    threads = max(1, min(torch.get_num_threads(), total, (total * K * K * p * q * n) >> 16))
+    if threads == 1:
+        rc = fn(0, total, *args)
+    else:  # ctypes releases the GIL: one slice of the outer indices per thread
+        cuts = [total * t // threads for t in range(threads + 1)]
+        with ThreadPoolExecutor(threads) as ex:
+            rc = max(ex.map(lambda t: fn(cuts[t], cuts[t + 1], *args), range(threads)))
+    if rc != 0:
+        raise MemoryError("delsketch native cauchy_matmul: out of memory for its packing buffers")
+    return out
