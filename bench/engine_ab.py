@@ -25,12 +25,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+_ON = {"native": True, "native_matmul": True, "native_mul": True, "small": True, "gc": True}
 CONFIGS = {
-    "all on": {"native": True, "native_matmul": True, "small": True, "gc": True},
-    "no relaxed gc": {"native": True, "native_matmul": True, "small": True, "gc": False},
-    "no native matmul": {"native": True, "native_matmul": False, "small": True, "gc": True},
-    "session 10": {"native": True, "native_matmul": False, "small": True, "gc": False},
-    "neither (session 9)": {"native": False, "native_matmul": False, "small": False, "gc": False},
+    "all on": _ON,
+    "no relaxed gc": {**_ON, "gc": False},
+    "no native mul": {**_ON, "native_mul": False},
+    "no native matmul": {**_ON, "native_matmul": False},
+    "session 10": {**_ON, "native_matmul": False, "native_mul": False, "gc": False},
+    "neither (session 9)": {"native": False, "native_matmul": False, "native_mul": False, "small": False,
+                            "gc": False},
 }
 BASE = "neither (session 9)"
 
@@ -73,10 +76,11 @@ def main(argv=None) -> int:
         native._reset()
         kernels._matmul_small = small_fn if cfg["small"] else (lambda x, y: kernels._bilinear_generic(torch.matmul, x, y))
         kernels._NATIVE_SMALL = cfg["native_matmul"]
+        kernels._NATIVE_MUL = cfg["native_mul"]
         _alloc.GC_THRESHOLD0 = gc0 if cfg["gc"] else 0  # 0: the thresholds as they are
 
     opt_cls.step = timed_step
-    results = {name: {"step_s": [], "optimizer_s": []} for name in CONFIGS}
+    results = {name: {"step_s": [], "step_cpu_s": [], "optimizer_s": []} for name in CONFIGS}
     load0 = list(os.getloadavg())
     try:
         for r in range(a.rounds):
@@ -85,23 +89,26 @@ def main(argv=None) -> int:
                 if cfg["native"] and not native.available():
                     print(f"native kernels not available: {native.status()['reason']}", file=sys.stderr)
                     return 1
-                stamps, opt_at = [], []
+                stamps, cpu, opt_at = [], [], []
 
                 def cb(s, loss):
                     stamps.append(time.perf_counter())
+                    cpu.append(time.process_time())
                     opt_at.append(inside["opt"])
 
                 ring_train(timed, w, steps=len(timed.schedule), callback=cb)
                 steps = [b - c for c, b in zip(stamps[1:], stamps[2:])]
                 opts = [b - c for c, b in zip(opt_at[1:], opt_at[2:])]
+                results[name]["step_cpu_s"].extend(b - c for c, b in zip(cpu[1:], cpu[2:]))
                 results[name]["step_s"].extend(steps)
                 results[name]["optimizer_s"].extend(opts)
-                print(f"round {r}: {name:26s} step {statistics.mean(steps):.3f} s, Adam {statistics.mean(opts):.3f} s",
+                print(f"round {r}: {name:26s} step {statistics.mean(steps):.3f} s, Adam {statistics.mean(opts):.3f} s"
+                      f", CPU {statistics.median(results[name]['step_cpu_s'][-len(steps):]):.3f} s",
                       flush=True)
     finally:
         opt_cls.step = step_fn
         kernels._matmul_small = small_fn
-        kernels._NATIVE_SMALL = True
+        kernels._NATIVE_SMALL = kernels._NATIVE_MUL = True
         _alloc.GC_THRESHOLD0 = gc0
         os.environ.pop("DELSKETCH_NATIVE", None)
         native._reset()
@@ -109,12 +116,13 @@ def main(argv=None) -> int:
     table = {}
     print(f"\npaper task, degree {a.degree}, m = {a.m}, one thread, {a.rounds} rounds x {len(sample)} steps "
           f"(load {load0[0]:.2f} -> {os.getloadavg()[0]:.2f})")
-    print(f"{'configuration':28s} {'step (mean)':>12s} {'Adam.step':>10s} {'vs session 9':>12s}")
+    print(f"{'configuration':28s} {'step (mean)':>12s} {'CPU (median)':>12s} {'Adam.step':>10s} {'vs session 9':>12s}")
     for name, r in results.items():
         st, op = statistics.mean(r["step_s"]), statistics.mean(r["optimizer_s"])
-        table[name] = {"step_mean_s": st, "step_median_s": statistics.median(r["step_s"]), "optimizer_mean_s": op,
-                       "speedup_vs_session9": base / st, **r}
-        print(f"{name:28s} {st:10.3f} s {op:8.3f} s {base / st:11.2f}x")
+        cpu = statistics.median(r["step_cpu_s"])
+        table[name] = {"step_mean_s": st, "step_median_s": statistics.median(r["step_s"]), "step_cpu_median_s": cpu,
+                       "optimizer_mean_s": op, "speedup_vs_session9": base / st, **r}
+        print(f"{name:28s} {st:10.3f} s {cpu:10.3f} s {op:8.3f} s {base / st:11.2f}x")
     write_json(Path(a.out), {"task": "paper", "degree": a.degree, "m": a.m, "rounds": a.rounds,
                              "sampled_steps": sample, "configs": CONFIGS, "results": table,
                              "loadavg_start": load0, "loadavg_end": list(os.getloadavg()),

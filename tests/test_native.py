@@ -222,3 +222,40 @@ def test_cauchy_matmul_kernel_declines_and_threads(fresh_native, monkeypatch):
     monkeypatch.setenv("DELSKETCH_NATIVE", "0")
     native._reset()
     assert native.cauchy_matmul(big_a, big_b) is None
+
+
+@needs_cc
+@pytest.mark.parametrize("K", [1, 2, 4, 16])
+def test_series_mul_kernel_equals_definition(fresh_native, K):
+    """The elementwise Cauchy product against its definition (one complex product per pair, summed in torch),
+    over broadcasts in m and in the shape (stride-0 inner runs on either side), runs shorter and longer than a
+    vector, transposed (non-unit inner stride) operands, a strided output view, and rank-2 series."""
+    from delsketch.series import kernels as R  # noqa: PLC0415
+
+    gen = torch.Generator().manual_seed(70 + K)
+    cases = [((3, 5, 6), (3, 5, 6)), ((1, 5, 6), (3, 5, 6)), ((3, 5, 1), (3, 5, 6)), ((3, 1, 6), (3, 5, 1)),
+             ((3,), (3,)), ((3, 6), (1, 1)), ((2, 3, 4, 9), (2, 1, 4, 1)), ((2, 7, 3), (2, 7, 3))]
+    for (sa, sb), ta in itertools.product(cases, [False, True]):
+        a = torch.randn(sa[0], K, *sa[1:], generator=gen, dtype=torch.complex128)
+        b = torch.randn(sb[0], K, *sb[1:], generator=gen, dtype=torch.complex128)
+        if ta and a.dim() > 3:
+            a = a.mT.contiguous().mT
+        shape = torch.broadcast_shapes(a.shape, b.shape)
+        ref = sum(a[:, j : j + 1] * b[:, : K - j] if j == 0 else
+                  torch.nn.functional.pad(a[:, j : j + 1] * b[:, : K - j], (0, 0) * (a.dim() - 2) + (j, 0))
+                  for j in range(K))
+        out = torch.full(shape, 7.0 + 0j, dtype=torch.complex128)
+        assert native.series_mul(out, a, b), (sa, sb)
+        assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-15, (K, sa, sb, ta)
+        assert torch.equal(R.mul(a, b), out)
+    # into a strided view (compose writes v[:, 1:]), leaving the rest alone
+    a = torch.randn(2, K, 3, 5, generator=gen, dtype=torch.complex128)
+    big = torch.zeros(2, K + 1, 3, 5, dtype=torch.complex128)
+    assert native.series_mul(big[:, 1:], a, a)
+    assert torch.equal(big[:, 0], torch.zeros(2, 3, 5, dtype=torch.complex128))
+    assert torch.equal(big[:, 1:], R.mul(a, a))
+    # declined: other dtypes, K out of range, shapes that do not broadcast to out's
+    assert not native.series_mul(out.real.clone(), out.real, out.real)
+    c = torch.randn(1, native.KMAX + 1, 3, dtype=torch.complex128)
+    assert not native.series_mul(torch.empty_like(c), c, c)
+    assert not native.series_mul(torch.empty(2, K, 4, dtype=torch.complex128), a[:, :, 0], a[:, :, 0])

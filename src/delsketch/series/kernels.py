@@ -262,6 +262,8 @@ def rescale(a: torch.Tensor, s) -> torch.Tensor:
 
 def _mul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """out <- Cauchy product of rank-aligned a, b (out has the full broadcast shape)."""
+    if _NATIVE_MUL and native.series_mul(out, a, b):
+        return out
     K = a.shape[1]
     torch.mul(a[:, 0:1], b, out=out)
     for j in range(1, K):
@@ -344,6 +346,8 @@ _MATMUL_MIN_NUMEL = 1 << 17
 _SMALL_MATMUL_MACS = 1 << 15
 # small matrices go through the native kernel when it is available (tests switch it off to check the torch code)
 _NATIVE_SMALL = True
+# Cauchy products of elementwise series in one native pass (:func:`delsketch.series.native.series_mul`)
+_NATIVE_MUL = True
 
 
 def _matmul_small(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "status", "adam_update", "cauchy_matmul", "KMAX"]
+__all__ = ["available", "status", "adam_update", "cauchy_matmul", "series_mul", "KMAX"]
 
 #: the longest series (coefficients) the kernels take; longer ones use the eager code
 KMAX = 16
@@ -370,6 +370,64 @@ int delsketch_cauchy_matmul(int64_t o0, int64_t o1, int64_t K, int64_t p, int64_
     free(buf);
     return 0;
 }
+
+/* ---------------------------------------------------------------------------------------------------------
+   Cauchy products of elementwise series: c_k = sum_{j<=k} a_j b_{k-j}, k < K, in one pass. Outer indices (nd
+   dims of the given sizes; strides in complex numbers, 0 broadcasts) times an inner run of L elements (inner
+   strides al, bl; c's is 1): B elements at a time where al, bl are 0 or 1, else one by one. */
+static inline void load_run(const double *x, int64_t s, vd *re, vd *im)
+{
+    if (s) load2(x, re, im);
+    else { *re = bc1(x[0]); *im = bc1(x[1]); }
+}
+
+int delsketch_series_mul(int64_t o0, int64_t o1, int64_t K, int64_t L, int64_t nd, const int64_t *sizes,
+                         const double *a, const int64_t *as, int64_t ak, int64_t al,
+                         const double *b, const int64_t *bs, int64_t bk, int64_t bl,
+                         double *c, const int64_t *cs, int64_t ck)
+{
+    if (K < 1 || K > KMAX) return 2;
+    const int vec = (al == 0 || al == 1) && (bl == 0 || bl == 1);
+    for (int64_t o = o0; o < o1; o++) {
+        int64_t rem = o, oa = 0, ob = 0, oc = 0;
+        for (int64_t d = nd - 1; d >= 0; d--) {
+            const int64_t i = rem % sizes[d];
+            rem /= sizes[d];
+            oa += i * as[d]; ob += i * bs[d]; oc += i * cs[d];
+        }
+        int64_t l = 0;
+        if (vec)
+            for (; l + B <= L; l += B) {
+                vd ar[KMAX], aq[KMAX], br[KMAX], bq[KMAX];
+                for (int64_t k = 0; k < K; k++) {
+                    load_run(a + 2 * (oa + k * ak + l * al), al, &ar[k], &aq[k]);
+                    load_run(b + 2 * (ob + k * bk + l * bl), bl, &br[k], &bq[k]);
+                }
+                for (int64_t k = 0; k < K; k++) {
+                    vd sr = {0}, sq = {0};
+                    for (int64_t j = 0; j <= k; j++) {
+                        sr += MULR(ar[j], aq[j], br[k - j], bq[k - j]);
+                        sq += MULQ(ar[j], aq[j], br[k - j], bq[k - j]);
+                    }
+                    store2(c + 2 * (oc + k * ck + l), sr, sq, 0);
+                }
+            }
+        for (; l < L; l++) {
+            const double *x = a + 2 * (oa + l * al), *y = b + 2 * (ob + l * bl);
+            for (int64_t k = 0; k < K; k++) {
+                double sr = 0.0, sq = 0.0;
+                for (int64_t j = 0; j <= k; j++) {
+                    const double *u = x + 2 * j * ak, *w = y + 2 * (k - j) * bk;
+                    sr += MULR(u[0], u[1], w[0], w[1]);
+                    sq += MULQ(u[0], u[1], w[0], w[1]);
+                }
+                c[2 * (oc + k * ck + l)] = sr;
+                c[2 * (oc + k * ck + l) + 1] = sq;
+            }
+        }
+    }
+    return 0;
+}
 """
 
 #: outputs of at least this many bytes are written around the caches (non-temporal stores, where the CPU has
@@ -452,6 +510,9 @@ def _load():
             ip = ctypes.POINTER(i64)
             mm.argtypes = [i64] * 7 + [ip, dp, ip, i64, i64, i64, dp, ip, i64, i64, i64, dp, ip, i64]
             mm.restype = ctypes.c_int
+            ml = lib.delsketch_series_mul
+            ml.argtypes = [i64] * 5 + [ip, dp, ip, i64, i64, dp, ip, i64, i64, dp, ip, i64]
+            ml.restype = ctypes.c_int
             return lib, "compiled", str(so)
         except (OSError, subprocess.SubprocessError, AttributeError) as e:
             last = e
@@ -521,19 +582,25 @@ def adam_update(pc, gc, mc, vc, b1: float, b2: float, f: float, bc2: float, eps:
     args = (K, N, ptr(pc), strides[0], ptr(gc), strides[1], ptr(mc), strides[2] or 0, ptr(vc), strides[3] or 0,
             out_p.data_ptr(), out_m.data_ptr(), out_v.data_ptr(), b1, b2, f, bc2, eps, int(bool(eps_inside)),
             int(3 * out_p.numel() * 16 >= _STREAM_BYTES))
-    fn = lib.delsketch_series_adam
-    threads = max(1, min(torch.get_num_threads(), M, (M * K * N) >> 15))
-    if threads == 1:
-        rc = fn(0, M, *args)
-    else:  # ctypes releases the GIL: one slice of directions per thread
-        cuts = [M * t // threads for t in range(threads + 1)]
-        with ThreadPoolExecutor(threads) as ex:
-            rc = max(ex.map(lambda t: fn(cuts[t], cuts[t + 1], *args), range(threads)))
-    return rc == 0
+    return _split(lib.delsketch_series_adam, M, 2 * M * K * N, args) == 0
 
 
 def _plain_c128(x: torch.Tensor) -> bool:
     return x.dtype == torch.complex128 and x.device.type == "cpu" and not x.is_conj() and not x.is_neg()
+
+
+def _i64s(vals):
+    return (ctypes.c_int64 * max(len(vals), 1))(*vals)
+
+
+def _split(fn, total: int, work: int, args) -> int:
+    """fn(o0, o1, *args) over [0, total), in slices on torch's threads when the work is large enough."""
+    threads = max(1, min(torch.get_num_threads(), total, work >> 16))
+    if threads == 1:
+        return fn(0, total, *args)
+    cuts = [total * t // threads for t in range(threads + 1)]
+    with ThreadPoolExecutor(threads) as ex:  # ctypes releases the GIL
+        return max(ex.map(lambda t: fn(cuts[t], cuts[t + 1], *args), range(threads)))
 
 
 def cauchy_matmul(a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
@@ -562,27 +629,60 @@ def cauchy_matmul(a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
     out = torch.empty((M, K, *batch, p, n), dtype=torch.complex128)
     nd = len(outer)
 
-    def arr(vals):
-        return (ctypes.c_int64 * len(vals))(*vals)
-
     def outer_strides(x):
         st = x.stride()
-        return arr([st[0], *st[2 : 2 + len(batch)]])
+        return _i64s([st[0], *st[2 : 2 + len(batch)]])
 
     sa, sb, so = ae.stride(), be.stride(), out.stride()
-    args = (K, p, q, n, nd, arr(outer), ae.data_ptr(), outer_strides(ae), sa[1], sa[-2], sa[-1],
+    args = (K, p, q, n, nd, _i64s(outer), ae.data_ptr(), outer_strides(ae), sa[1], sa[-2], sa[-1],
             be.data_ptr(), outer_strides(be), sb[1], sb[-2], sb[-1], out.data_ptr(), outer_strides(out), so[1])
     total = 1
     for s in outer:
         total *= s
-    fn = lib.delsketch_cauchy_matmul
-    threads = max(1, min(torch.get_num_threads(), total, (total * K * K * p * q * n) >> 16))
-    if threads == 1:
-        rc = fn(0, total, *args)
-    else:  # ctypes releases the GIL: one slice of the outer indices per thread
-        cuts = [total * t // threads for t in range(threads + 1)]
-        with ThreadPoolExecutor(threads) as ex:
-            rc = max(ex.map(lambda t: fn(cuts[t], cuts[t + 1], *args), range(threads)))
+    rc = _split(lib.delsketch_cauchy_matmul, total, total * K * K * p * q * n, args)
     if rc != 0:
         raise MemoryError("delsketch native cauchy_matmul: out of memory for its packing buffers")
     return out
+
+
+def series_mul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """out <- the Cauchy product of a and b (``[m, K, *shape]`` of equal rank, broadcasting over m and shape to
+    out's shape; out may be a view whose last dim has stride 1). One pass instead of K torch passes. Returns
+    False, having written nothing, when the kernel does not apply (no library, not complex128 on the CPU, K >
+    :data:`KMAX`, shapes that do not broadcast to out's)."""
+    lib = _get()
+    if lib is None or not (_plain_c128(a) and _plain_c128(b) and _plain_c128(out)):
+        return False
+    K = out.shape[1] if out.dim() >= 2 else 0
+    if not (a.dim() == b.dim() == out.dim() >= 2) or a.shape[1] != K or b.shape[1] != K or not 1 <= K <= KMAX:
+        return False
+    try:
+        ae, be = a.expand(out.shape), b.expand(out.shape)
+    except RuntimeError:
+        return False
+    if out.numel() == 0:
+        return True
+    dims = [0] + list(range(2, out.dim()))
+    # merge neighbouring dims that are one run of memory in all three tensors
+    sizes = [out.shape[d] for d in dims]
+    st = [[x.stride(d) for d in dims] for x in (ae, be, out)]
+    i = len(sizes) - 1
+    while i > 0:
+        if all(s[i - 1] == s[i] * sizes[i] for s in st):
+            sizes[i - 1] *= sizes[i]
+            del sizes[i]
+            for s in st:
+                s[i - 1] = s.pop(i)
+        i -= 1
+    if st[2][-1] != 1:  # out's last dim is not a run: an inner run of one
+        sizes.append(1)
+        for s in st:
+            s.append(0 if s is not st[2] else 1)
+    L = sizes.pop()
+    inner = [s.pop() for s in st]
+    total = 1
+    for n in sizes:
+        total *= n
+    args = (K, L, len(sizes), _i64s(sizes), ae.data_ptr(), _i64s(st[0]), ae.stride(1), inner[0],
+            be.data_ptr(), _i64s(st[1]), be.stride(1), inner[1], out.data_ptr(), _i64s(st[2]), out.stride(1))
+    return _split(lib.delsketch_series_mul, total, total * L * K * K, args) == 0
