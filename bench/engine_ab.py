@@ -25,14 +25,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-_ON = {"native": True, "native_matmul": True, "native_mul": True, "small": True, "gc": True}
+_ON = {"native": True, "native_matmul": True, "native_elementwise": True, "small": True, "gc": True}
 CONFIGS = {
     "all on": _ON,
     "no relaxed gc": {**_ON, "gc": False},
-    "no native mul": {**_ON, "native_mul": False},
+    "no native elementwise": {**_ON, "native_elementwise": False},
     "no native matmul": {**_ON, "native_matmul": False},
-    "session 10": {**_ON, "native_matmul": False, "native_mul": False, "gc": False},
-    "neither (session 9)": {"native": False, "native_matmul": False, "native_mul": False, "small": False,
+    "session 10": {**_ON, "native_matmul": False, "native_elementwise": False, "gc": False},
+    "neither (session 9)": {"native": False, "native_matmul": False, "native_elementwise": False, "small": False,
                             "gc": False},
 }
 BASE = "neither (session 9)"
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         native._reset()
         kernels._matmul_small = small_fn if cfg["small"] else (lambda x, y: kernels._bilinear_generic(torch.matmul, x, y))
         kernels._NATIVE_SMALL = cfg["native_matmul"]
-        kernels._NATIVE_MUL = cfg["native_mul"]
+        kernels._NATIVE_ELEMENTWISE = cfg["native_elementwise"]
         _alloc.GC_THRESHOLD0 = gc0 if cfg["gc"] else 0  # 0: the thresholds as they are
 
     opt_cls.step = timed_step
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     finally:
         opt_cls.step = step_fn
         kernels._matmul_small = small_fn
-        kernels._NATIVE_SMALL = kernels._NATIVE_MUL = True
+        kernels._NATIVE_SMALL = kernels._NATIVE_ELEMENTWISE = True
         _alloc.GC_THRESHOLD0 = gc0
         os.environ.pop("DELSKETCH_NATIVE", None)
         native._reset()

@@ -1,6 +1,7 @@
 """The native (C) series kernels: built on first use, checked by checksum, and equal to the eager PyTorch code."""
 
 import itertools
+import math
 import os
 import shutil
 
@@ -259,3 +260,31 @@ def test_series_mul_kernel_equals_definition(fresh_native, K):
     c = torch.randn(1, native.KMAX + 1, 3, dtype=torch.complex128)
     assert not native.series_mul(torch.empty_like(c), c, c)
     assert not native.series_mul(torch.empty(2, K, 4, dtype=torch.complex128), a[:, :, 0], a[:, :, 0])
+
+
+@needs_cc
+@pytest.mark.parametrize("K", [2, 4, 16])
+def test_series_exp_kernel_equals_recurrence(fresh_native, K):
+    """The native exp recurrence against torch's (the kernel switched off), on contiguous, transposed and
+    stride-0 (expanded) inputs and a scaled degree-0 coefficient; and exp against nested jvp via the kernel."""
+    from delsketch.series import kernels as R  # noqa: PLC0415
+
+    gen = torch.Generator().manual_seed(80 + K)
+    base = torch.randn(3, K, 5, 6, generator=gen, dtype=torch.complex128) * 0.5
+    for a in (base, base.mT.contiguous().mT, base[..., :1].expand(base.shape), base[:, :, 0]):
+        got = R._exp(a, 0.7)
+        R_flag = R._NATIVE_ELEMENTWISE
+        try:
+            R._NATIVE_ELEMENTWISE = False
+            ref = R._exp(a, 0.7)
+        finally:
+            R._NATIVE_ELEMENTWISE = R_flag
+        assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-14, a.stride()
+    # exp(a0 + a1 z) = exp(a0) exp(a1 z): coefficients exp(a0) a1^k / k!
+    a = torch.zeros(2, K, 7, dtype=torch.complex128)
+    a[:, 0] = torch.randn(2, 7, generator=gen, dtype=torch.float64)
+    a[:, 1] = torch.randn(2, 7, generator=gen, dtype=torch.complex128)
+    want = torch.stack([a[:, 0].exp() * a[:, 1] ** k / math.factorial(k) for k in range(K)], 1)
+    assert ((R.exp(a) - want).abs().max() / want.abs().max()).item() < 1e-14
+    v = torch.zeros(1, native.KMAX + 1, 2, dtype=torch.complex128)
+    assert not native.series_exp(v, v.clone())

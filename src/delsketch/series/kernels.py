@@ -262,7 +262,7 @@ def rescale(a: torch.Tensor, s) -> torch.Tensor:
 
 def _mul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """out <- Cauchy product of rank-aligned a, b (out has the full broadcast shape)."""
-    if _NATIVE_MUL and native.series_mul(out, a, b):
+    if _NATIVE_ELEMENTWISE and native.series_mul(out, a, b):
         return out
     K = a.shape[1]
     torch.mul(a[:, 0:1], b, out=out)
@@ -346,8 +346,9 @@ _MATMUL_MIN_NUMEL = 1 << 17
 _SMALL_MATMUL_MACS = 1 << 15
 # small matrices go through the native kernel when it is available (tests switch it off to check the torch code)
 _NATIVE_SMALL = True
-# Cauchy products of elementwise series in one native pass (:func:`delsketch.series.native.series_mul`)
-_NATIVE_MUL = True
+# elementwise Cauchy products and the exp recurrence in one native pass each
+# (:func:`delsketch.series.native.series_mul`, :func:`~delsketch.series.native.series_exp`)
+_NATIVE_ELEMENTWISE = True
 
 
 def _matmul_small(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -763,7 +764,7 @@ def _exp(a: torch.Tensor, scale: float) -> torch.Tensor:
         v0.mul_(scale)
     v[:, 0] = v0
     del v0
-    if K == 1:
+    if K == 1 or (_NATIVE_ELEMENTWISE and native.series_exp(v, a)):
         return v
     if _use_loop(K, a):
         for k in range(1, K):

@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "status", "adam_update", "cauchy_matmul", "series_mul", "KMAX"]
+__all__ = ["available", "status", "adam_update", "cauchy_matmul", "series_mul", "series_exp", "KMAX"]
 
 #: the longest series (coefficients) the kernels take; longer ones use the eager code
 KMAX = 16
@@ -428,6 +428,61 @@ int delsketch_series_mul(int64_t o0, int64_t o1, int64_t K, int64_t L, int64_t n
     }
     return 0;
 }
+
+/* The exp recurrence v_k = (1/k) sum_{j=1..k} j a_j v_{k-j}, k = 1..K-1, with v_0 given in v; a and v laid out
+   as in delsketch_series_mul (v's inner stride 1). */
+int delsketch_series_exp(int64_t o0, int64_t o1, int64_t K, int64_t L, int64_t nd, const int64_t *sizes,
+                         const double *a, const int64_t *as, int64_t ak, int64_t al,
+                         double *v, const int64_t *vs, int64_t vk)
+{
+    if (K < 1 || K > KMAX) return 2;
+    for (int64_t o = o0; o < o1; o++) {
+        int64_t rem = o, oa = 0, ov = 0;
+        for (int64_t d = nd - 1; d >= 0; d--) {
+            const int64_t i = rem % sizes[d];
+            rem /= sizes[d];
+            oa += i * as[d]; ov += i * vs[d];
+        }
+        int64_t l = 0;
+        if (al == 0 || al == 1)
+            for (; l + B <= L; l += B) {
+                vd ar[KMAX], aq[KMAX], vr[KMAX], vq[KMAX];
+                for (int64_t k = 1; k < K; k++) {
+                    load_run(a + 2 * (oa + k * ak + l * al), al, &ar[k], &aq[k]);
+                    ar[k] *= (double)k; aq[k] *= (double)k;
+                }
+                load2(v + 2 * (ov + l), &vr[0], &vq[0]);
+                for (int64_t k = 1; k < K; k++) {
+                    vd sr = {0}, sq = {0};
+                    for (int64_t j = 1; j <= k; j++) {
+                        sr += MULR(ar[j], aq[j], vr[k - j], vq[k - j]);
+                        sq += MULQ(ar[j], aq[j], vr[k - j], vq[k - j]);
+                    }
+                    vr[k] = sr * (1.0 / k); vq[k] = sq * (1.0 / k);
+                    store2(v + 2 * (ov + k * vk + l), vr[k], vq[k], 0);
+                }
+            }
+        for (; l < L; l++) {
+            double ur[KMAX], uq[KMAX], wr[KMAX], wq[KMAX];
+            for (int64_t k = 1; k < K; k++) {
+                const double *x = a + 2 * (oa + k * ak + l * al);
+                ur[k] = x[0] * (double)k; uq[k] = x[1] * (double)k;
+            }
+            wr[0] = v[2 * (ov + l)]; wq[0] = v[2 * (ov + l) + 1];
+            for (int64_t k = 1; k < K; k++) {
+                double sr = 0.0, sq = 0.0;
+                for (int64_t j = 1; j <= k; j++) {
+                    sr += MULR(ur[j], uq[j], wr[k - j], wq[k - j]);
+                    sq += MULQ(ur[j], uq[j], wr[k - j], wq[k - j]);
+                }
+                wr[k] = sr * (1.0 / k); wq[k] = sq * (1.0 / k);
+                v[2 * (ov + k * vk + l)] = wr[k];
+                v[2 * (ov + k * vk + l) + 1] = wq[k];
+            }
+        }
+    }
+    return 0;
+}
 """
 
 #: outputs of at least this many bytes are written around the caches (non-temporal stores, where the CPU has
@@ -513,6 +568,9 @@ def _load():
             ml = lib.delsketch_series_mul
             ml.argtypes = [i64] * 5 + [ip, dp, ip, i64, i64, dp, ip, i64, i64, dp, ip, i64]
             ml.restype = ctypes.c_int
+            ex = lib.delsketch_series_exp
+            ex.argtypes = [i64] * 5 + [ip, dp, ip, i64, i64, dp, ip, i64]
+            ex.restype = ctypes.c_int
             return lib, "compiled", str(so)
         except (OSError, subprocess.SubprocessError, AttributeError) as e:
             last = e
@@ -645,6 +703,35 @@ def cauchy_matmul(a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
     return out
 
 
+def _runs(out: torch.Tensor, *ins: torch.Tensor):
+    """The elementwise layout of out and inputs of out's shape (series axis 1 apart): outer sizes, per tensor
+    (out first) their outer strides, the inner run's length and inner strides, and the count of outer indices.
+    Neighbouring dims that are one run of memory in every tensor are merged; when out's last dim is not a run
+    (stride 1), the inner run has length one."""
+    ts = (out, *ins)
+    dims = [0] + list(range(2, out.dim()))
+    sizes = [out.shape[d] for d in dims]
+    st = [[x.stride(d) for d in dims] for x in ts]
+    i = len(sizes) - 1
+    while i > 0:
+        if all(s[i - 1] == s[i] * sizes[i] for s in st):
+            sizes[i - 1] *= sizes[i]
+            del sizes[i]
+            for s in st:
+                s[i - 1] = s.pop(i)
+        i -= 1
+    if st[0][-1] != 1:
+        sizes.append(1)
+        for t, s in enumerate(st):
+            s.append(1 if t == 0 else 0)
+    L = sizes.pop()
+    inner = [s.pop() for s in st]
+    total = 1
+    for n in sizes:
+        total *= n
+    return sizes, st, L, inner, total
+
+
 def series_mul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
     """out <- the Cauchy product of a and b (``[m, K, *shape]`` of equal rank, broadcasting over m and shape to
     out's shape; out may be a view whose last dim has stride 1). One pass instead of K torch passes. Returns
@@ -662,27 +749,25 @@ def series_mul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     if out.numel() == 0:
         return True
-    dims = [0] + list(range(2, out.dim()))
-    # merge neighbouring dims that are one run of memory in all three tensors
-    sizes = [out.shape[d] for d in dims]
-    st = [[x.stride(d) for d in dims] for x in (ae, be, out)]
-    i = len(sizes) - 1
-    while i > 0:
-        if all(s[i - 1] == s[i] * sizes[i] for s in st):
-            sizes[i - 1] *= sizes[i]
-            del sizes[i]
-            for s in st:
-                s[i - 1] = s.pop(i)
-        i -= 1
-    if st[2][-1] != 1:  # out's last dim is not a run: an inner run of one
-        sizes.append(1)
-        for s in st:
-            s.append(0 if s is not st[2] else 1)
-    L = sizes.pop()
-    inner = [s.pop() for s in st]
-    total = 1
-    for n in sizes:
-        total *= n
-    args = (K, L, len(sizes), _i64s(sizes), ae.data_ptr(), _i64s(st[0]), ae.stride(1), inner[0],
-            be.data_ptr(), _i64s(st[1]), be.stride(1), inner[1], out.data_ptr(), _i64s(st[2]), out.stride(1))
+    sizes, st, L, inner, total = _runs(out, ae, be)
+    args = (K, L, len(sizes), _i64s(sizes), ae.data_ptr(), _i64s(st[1]), ae.stride(1), inner[1],
+            be.data_ptr(), _i64s(st[2]), be.stride(1), inner[2], out.data_ptr(), _i64s(st[0]), out.stride(1))
     return _split(lib.delsketch_series_mul, total, total * L * K * K, args) == 0
+
+
+def series_exp(v: torch.Tensor, a: torch.Tensor) -> bool:
+    """v[:, 1:] <- the exp recurrence v_k = (1/k) sum_{j=1..k} j a_j v_{k-j} on ``v [m, K, *shape]`` whose
+    v[:, 0] is set (exp(a_0), times any factor: the recurrence is linear in v), for a of v's shape. One pass
+    instead of K(K-1)/2 torch passes. False, having written nothing, when the kernel does not apply."""
+    lib = _get()
+    if lib is None or not (_plain_c128(a) and _plain_c128(v)) or a.shape != v.shape or v.dim() < 2:
+        return False
+    K = v.shape[1]
+    if not 1 <= K <= KMAX:
+        return False
+    if K == 1 or v.numel() == 0:
+        return True
+    sizes, st, L, inner, total = _runs(v, a)
+    args = (K, L, len(sizes), _i64s(sizes), a.data_ptr(), _i64s(st[1]), a.stride(1), inner[1],
+            v.data_ptr(), _i64s(st[0]), v.stride(1))
+    return _split(lib.delsketch_series_exp, total, total * L * K * K, args) == 0
