@@ -194,38 +194,42 @@ def test_heap_cache_keeps_large_blocks_in_the_heap():
     assert out == "ok"
 
 
-def test_relaxed_gc_during_a_ring_run_and_restored_after(names_txt):
-    """Inside a ring run the cyclic collector's first threshold is raised (nested contexts count once); after
-    the run the user's thresholds are back, and cyclic garbage made inside is still collected."""
+def test_frozen_gc_during_a_ring_run_and_undone_after(names_txt):
+    """Inside a ring run the objects made before it are frozen out of the collector's walks (nested contexts
+    count once); after the run nothing is frozen, and cyclic garbage made inside is still collected. A freeze
+    of the user's own is left as it is."""
     import gc  # noqa: PLC0415
     import weakref  # noqa: PLC0415
 
     from delsketch import _alloc  # noqa: PLC0415
     from delsketch.sketch import directions, ring_train, weight_series  # noqa: PLC0415
 
-    old = gc.get_threshold()
-    gc.set_threshold(600, 9, 8)
-    try:
-        seen = []
-        task = get_preset("paper")(steps=2, data=str(names_txt))
-        ring_train(task, weight_series(directions(0, range(2), task.n), 1),
-                   callback=lambda s, loss: seen.append(gc.get_threshold()))
-        assert seen == [(_alloc.GC_THRESHOLD0, 9, 8)] * 2
-        assert gc.get_threshold() == (600, 9, 8)
-        with _alloc.relaxed_gc():
-            with _alloc.relaxed_gc():
-                assert gc.get_threshold()[0] == _alloc.GC_THRESHOLD0
+    assert gc.get_freeze_count() == 0
+    seen = []
+    task = get_preset("paper")(steps=2, data=str(names_txt))
+    ring_train(task, weight_series(directions(0, range(2), task.n), 1),
+               callback=lambda s, loss: seen.append(gc.get_freeze_count()))
+    assert len(seen) == 2 and min(seen) > 1000
+    assert gc.get_freeze_count() == 0
 
-                class Cycle:
-                    pass
+    class Cycle:
+        pass
 
-                c = Cycle()
-                c.me = c
-                ref = weakref.ref(c)
-                del c
-            assert gc.get_threshold()[0] == _alloc.GC_THRESHOLD0
-        assert gc.get_threshold() == (600, 9, 8)
+    with _alloc.frozen_gc():
+        with _alloc.frozen_gc():
+            c = Cycle()
+            c.me = c
+            ref = weakref.ref(c)
+            del c
+        assert gc.get_freeze_count() > 0
         gc.collect()
-        assert ref() is None
+        assert ref() is None  # made inside: collected inside
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # the user's own freeze
+    try:
+        n = gc.get_freeze_count()
+        with _alloc.frozen_gc():
+            pass
+        assert gc.get_freeze_count() == n
     finally:
-        gc.set_threshold(*old)
+        gc.unfreeze()

@@ -249,9 +249,9 @@ static inline vd bc2(const double *z) { return (vd){z[0], z[1], z[0], z[1]}; }
 
 /* Tile (rows i0.., columns l0..) of c_k = sum_j a_j b_{k-j}: a_j at pa + j * sa (MR rows of q, row stride q),
    b_j at pb + j * sb (row stride ldb), complex numbers. a0r/b0r: a_0/b_0 are real (their products take half
-   the multiplications). Writes t [MR][NC] complex. */
+   the multiplications). Writes the tile's first ni rows and nl columns at c (row stride ldc). */
 static void mm_tile(int k, int64_t q, const double *pa, int64_t sa, const double *pb, int64_t sb, int64_t ldb,
-                    int a0r, int b0r, double *t)
+                    int a0r, int b0r, double *c, int64_t ldc, int64_t ni, int64_t nl)
 {
     const vd sgn = {-1.0, 1.0, -1.0, 1.0};
     vd acc[MR][NV];
@@ -293,7 +293,13 @@ static void mm_tile(int k, int64_t q, const double *pa, int64_t sa, const double
             }
         }
     }
-    memcpy(t, acc, sizeof acc);
+    if (ni == MR && nl == NC) {
+        for (int i = 0; i < MR; i++) memcpy(c + 2 * i * ldc, acc[i], sizeof acc[i]);
+    } else {
+        double t[2 * MR * NC];
+        memcpy(t, acc, sizeof acc);
+        for (int64_t i = 0; i < ni; i++) memcpy(c + 2 * i * ldc, t + 2 * i * NC, (size_t)(2 * nl) * sizeof(double));
+    }
 }
 
 /* y[i][j] (row stride ld) = x[i * rs + j * cs], complex numbers */
@@ -337,9 +343,9 @@ int delsketch_cauchy_matmul(int64_t o0, int64_t o1, int64_t K, int64_t p, int64_
     const int64_t pp = (p + MR - 1) / MR * MR, np = (n + NC - 1) / NC * NC;
     const int direct = bc == 1 && n == np;
     const int64_t na = 2 * K * pp * q, nb = direct ? 0 : 2 * K * q * np;
-    double *buf = calloc((size_t)(na + nb + 2 * MR * NC), sizeof(double));
+    double *buf = calloc((size_t)(na + nb + 1), sizeof(double));
     if (!buf) return 3;
-    double *pa = buf, *pb = pa + na, *t = pb + nb;
+    double *pa = buf, *pb = pa + na;
     for (int64_t o = o0; o < o1; o++) {
         int64_t rem = o, oa = 0, ob = 0, oc = 0;
         for (int64_t d = nd - 1; d >= 0; d--) {
@@ -359,13 +365,10 @@ int delsketch_cauchy_matmul(int64_t o0, int64_t o1, int64_t K, int64_t p, int64_
         const int a0r = real_part_only(pa, p, q, q), b0r = real_part_only(B0, q, n, ldb);
         for (int64_t l0 = 0; l0 < np; l0 += NC)
             for (int64_t i0 = 0; i0 < pp; i0 += MR)
-                for (int64_t k = 0; k < K; k++) {
-                    mm_tile((int)k, q, pa + 2 * i0 * q, pp * q, B0 + 2 * l0, sb, ldb, a0r, b0r, t);
-                    const int64_t ni = p - i0 < MR ? p - i0 : MR, nl = n - l0 < NC ? n - l0 : NC;
-                    for (int64_t i = 0; i < ni; i++)
-                        memcpy(c + 2 * (oc + k * ck + (i0 + i) * n + l0), t + 2 * i * NC,
-                               (size_t)(2 * nl) * sizeof(double));
-                }
+                for (int64_t k = 0; k < K; k++)
+                    mm_tile((int)k, q, pa + 2 * i0 * q, pp * q, B0 + 2 * l0, sb, ldb, a0r, b0r,
+                            c + 2 * (oc + k * ck + i0 * n + l0), n, p - i0 < MR ? p - i0 : MR,
+                            n - l0 < NC ? n - l0 : NC);
     }
     free(buf);
     return 0;

@@ -59,8 +59,8 @@ def ring_train(task: Task, w: taylor.Series, steps: Optional[int] = None, callba
     """One ring run: train the task with series weights ``w`` (parameters start as constants). ``device``: run
     it there (see :func:`delsketch.training.train`); the returned series live on that device."""
     params0 = {k: taylor.lift(v, w.degree) for k, v in task.init_params().items()}
-    # freed series blocks are reused from step to step; the cyclic collector runs about once a step
-    with _alloc.heap_cache(), _alloc.relaxed_gc(), taylor.module_context():
+    # freed series blocks are reused from step to step; the collector walks only what the run makes
+    with _alloc.heap_cache(), _alloc.frozen_gc(), taylor.module_context():
         return train(task, w=w, params=params0, steps=steps, callback=callback, device=device)
 
 
