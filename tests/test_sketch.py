@@ -395,9 +395,11 @@ def _silu_mlp_task():
 def test_engine_speed_paths_change_no_sketch(tmp_path, monkeypatch, matmuls):
     """A sketch made with every speed path of the engine (real degree-0 matmuls, forced even for small matrices,
     or the small-matrix paths; degree-0 functions evaluated once for all directions; the silu_backward rule; the
-    heap cache) agrees to 1e-12 with one made with all of them off: generic Cauchy matmuls, degree-0 functions in
-    every direction, and silu_backward composed from the sigmoid and product kernels."""
+    heap cache; the native kernels for small matmuls, products and exp) agrees to 1e-12 with one made with all
+    of them off: generic Cauchy matmuls, degree-0 functions in every direction, silu_backward composed from the
+    sigmoid and product kernels, and torch code only."""
     from delsketch.series import kernels as R  # noqa: PLC0415
+    from delsketch.series import native  # noqa: PLC0415
 
     from delsketch.training.outputs import losses  # noqa: PLC0415
 
@@ -415,6 +417,7 @@ def test_engine_speed_paths_change_no_sketch(tmp_path, monkeypatch, matmuls):
 
         monkeypatch.setattr(R, name, spy)
     fast = precompute(task, tmp_path / "fast", directions=6, degree=3, chunk=3, seed=2)
+    assert native.available(), native.status()
     assert calls["_matmul_real0" if matmuls == "real0" else "_matmul_small"] > 0 and calls["silu_backward"] > 0
     monkeypatch.undo()
 
@@ -426,7 +429,14 @@ def test_engine_speed_paths_change_no_sketch(tmp_path, monkeypatch, matmuls):
     monkeypatch.setattr(R, "_shared0", lambda x0: x0)
     monkeypatch.setattr(R, "silu_backward", silu_backward_composed)
     monkeypatch.setenv("DELSKETCH_HEAP_CACHE", "0")
-    slow = precompute(task, tmp_path / "slow", directions=6, degree=3, chunk=3, seed=2)
+    monkeypatch.setenv("DELSKETCH_NATIVE", "0")  # no native kernels: Adam, matmuls, products, exp in torch
+    native._reset()
+    try:
+        slow = precompute(task, tmp_path / "slow", directions=6, degree=3, chunk=3, seed=2)
+        assert not native.available()
+    finally:
+        monkeypatch.delenv("DELSKETCH_NATIVE")
+        native._reset()
     out = losses(task, X[:8], y[:8])
     a, b = fast.coefficients(out), slow.coefficients(out)
     assert a.shape == b.shape == (6, 4, 8)

@@ -331,6 +331,17 @@ static int real_part_only(const double *x, int64_t rows, int64_t cols, int64_t l
     return z;
 }
 
+/* offset (in complex numbers) of outer index o */
+static inline int64_t outer_offset(int64_t o, int64_t nd, const int64_t *sizes, const int64_t *st)
+{
+    int64_t off = 0;
+    for (int64_t d = nd - 1; d >= 0; d--) {
+        off += (o % sizes[d]) * st[d];
+        o /= sizes[d];
+    }
+    return off;
+}
+
 /* Outer indices [o0, o1) of c [outer][K][p][n] (row-major matrices; cs: outer strides, ck: coefficient stride)
    from a, b with element strides (in complex numbers) as [outer dims][K][rows][cols]; nd outer dims of the
    given sizes (strides 0 broadcast). b is read in place when its rows are contiguous and n is a multiple of
@@ -347,12 +358,8 @@ int delsketch_cauchy_matmul(int64_t o0, int64_t o1, int64_t K, int64_t p, int64_
     if (!buf) return 3;
     double *pa = buf, *pb = pa + na;
     for (int64_t o = o0; o < o1; o++) {
-        int64_t rem = o, oa = 0, ob = 0, oc = 0;
-        for (int64_t d = nd - 1; d >= 0; d--) {
-            const int64_t i = rem % sizes[d];
-            rem /= sizes[d];
-            oa += i * as[d]; ob += i * bs[d]; oc += i * cs[d];
-        }
+        const int64_t oa = outer_offset(o, nd, sizes, as), ob = outer_offset(o, nd, sizes, bs),
+                      oc = outer_offset(o, nd, sizes, cs);
         for (int64_t k = 0; k < K; k++) pack(a + 2 * (oa + k * ak), ar, ac, p, q, pa + 2 * k * pp * q, q);
         const double *B0;
         int64_t sb, ldb;
@@ -392,12 +399,8 @@ int delsketch_series_mul(int64_t o0, int64_t o1, int64_t K, int64_t L, int64_t n
     if (K < 1 || K > KMAX) return 2;
     const int vec = (al == 0 || al == 1) && (bl == 0 || bl == 1);
     for (int64_t o = o0; o < o1; o++) {
-        int64_t rem = o, oa = 0, ob = 0, oc = 0;
-        for (int64_t d = nd - 1; d >= 0; d--) {
-            const int64_t i = rem % sizes[d];
-            rem /= sizes[d];
-            oa += i * as[d]; ob += i * bs[d]; oc += i * cs[d];
-        }
+        const int64_t oa = outer_offset(o, nd, sizes, as), ob = outer_offset(o, nd, sizes, bs),
+                      oc = outer_offset(o, nd, sizes, cs);
         int64_t l = 0;
         if (vec)
             for (; l + B <= L; l += B) {
@@ -440,12 +443,7 @@ int delsketch_series_exp(int64_t o0, int64_t o1, int64_t K, int64_t L, int64_t n
 {
     if (K < 1 || K > KMAX) return 2;
     for (int64_t o = o0; o < o1; o++) {
-        int64_t rem = o, oa = 0, ov = 0;
-        for (int64_t d = nd - 1; d >= 0; d--) {
-            const int64_t i = rem % sizes[d];
-            rem /= sizes[d];
-            oa += i * as[d]; ov += i * vs[d];
-        }
+        const int64_t oa = outer_offset(o, nd, sizes, as), ov = outer_offset(o, nd, sizes, vs);
         int64_t l = 0;
         if (al == 0 || al == 1)
             for (; l + B <= L; l += B) {
