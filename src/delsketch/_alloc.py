@@ -136,4 +136,5 @@ def frozen_gc():
             if _gc_depth[0] == 0 and _gc_depth[1]:
                 gc.unfreeze()
 
+
 enable_huge_pages()

@@ -12,7 +12,10 @@ dtype of its inputs.  Binary kernels broadcast over ``m`` (1 vs M) and over
 the right, after the two leading axes); both operands must have the same ``K``.
 
 Everything is plain torch: no autograd, no ``torch.vmap`` (the kernels are
-called from inside ``__torch_dispatch__``).  Results never alias their inputs,
+called from inside ``__torch_dispatch__``). On the CPU the hottest loops (small
+Cauchy matmuls, elementwise Cauchy products, the exp recurrence) go through the
+optional C kernels of :mod:`delsketch.series.native` when they are built; the
+torch code below is their fallback and their reference in the tests.  Results never alias their inputs,
 except :func:`truncate`, which returns a view.
 
 Recurrences (Griewank & Walther, *Evaluating Derivatives*, 2nd ed., §13.2):
