@@ -2,8 +2,9 @@
 one thread, configurations alternated round by round in one process, so that load and memory state hit all alike.
 
 Configurations: everything on; without the frozen garbage collector (every collection walks all objects); without
-the native small-matrix kernel (torch's stacked matmuls); without both (session 10's engine); without any
-native kernel, stacked matmul or frozen collector (session 9's). Each run times steps spread over the
+the native elementwise kernels (products and exp in torch); without the native small-matrix kernel (torch's
+stacked matmuls); without all three (session 10's engine); without any native kernel, stacked matmul or frozen
+collector (session 9's). Each run times steps spread over the
 1000-step schedule (the first two steps of a run, where the state is still plain and the heap cache grows, are
 left out), and the time inside ``Adam.step`` separately.
 

@@ -94,47 +94,60 @@ def heap_cache_available() -> bool:
 
 
 @contextlib.contextmanager
+def _outermost(depth: list, enter, leave):
+    """enter() when the first of nested contexts on ``depth`` ([count]) opens, leave() when the last closes."""
+    with _lock:
+        depth[0] += 1
+        if depth[0] == 1:
+            enter()
+    try:
+        yield
+    finally:
+        with _lock:
+            depth[0] -= 1
+            if depth[0] == 0:
+                leave()
+
+
+def _keep_freed(lib) -> None:
+    lib.mallopt(_M_MMAP_MAX, 0)
+    lib.mallopt(_M_TRIM_THRESHOLD, _KEEP)
+
+
+def _glibc_defaults(lib) -> None:
+    lib.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+    lib.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+    lib.malloc_trim(0)
+
+
+@contextlib.contextmanager
 def heap_cache():
     """While inside (nested calls count once), freed blocks of any size stay in the heap for reuse."""
     lib = _glibc() if heap_cache_available() else None
     if lib is None:
         yield
         return
-    with _lock:
-        _depth[0] += 1
-        if _depth[0] == 1:
-            lib.mallopt(_M_MMAP_MAX, 0)
-            lib.mallopt(_M_TRIM_THRESHOLD, _KEEP)
-    try:
+    with _outermost(_depth, lambda: _keep_freed(lib), lambda: _glibc_defaults(lib)):
         yield
-    finally:
-        with _lock:
-            _depth[0] -= 1
-            if _depth[0] == 0:
-                lib.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-                lib.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
-                lib.malloc_trim(0)
 
 
-_gc_depth = [0, False]  # nesting depth; whether the outermost context froze
+_gc_depth = [0]
+_gc_froze = [False]  # whether the outermost frozen_gc froze (not when the user had frozen objects)
 
 
-@contextlib.contextmanager
+def _freeze() -> None:
+    _gc_froze[0] = gc.get_freeze_count() == 0  # the user's own freeze is theirs to undo
+    if _gc_froze[0]:
+        gc.freeze()
+
+
+def _unfreeze() -> None:
+    if _gc_froze[0]:
+        gc.unfreeze()
+
+
 def frozen_gc():
     """While inside (nested calls count once), the objects made before are out of the collector's walks."""
-    with _lock:
-        _gc_depth[0] += 1
-        if _gc_depth[0] == 1:
-            _gc_depth[1] = gc.get_freeze_count() == 0  # the user's own freeze is theirs to undo
-            if _gc_depth[1]:
-                gc.freeze()
-    try:
-        yield
-    finally:
-        with _lock:
-            _gc_depth[0] -= 1
-            if _gc_depth[0] == 0 and _gc_depth[1]:
-                gc.unfreeze()
-
+    return _outermost(_gc_depth, _freeze, _unfreeze)
 
 enable_huge_pages()

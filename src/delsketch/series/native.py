@@ -15,12 +15,17 @@ Kernels:
 
 * ``series_adam``: one Adam step on series coefficients (:class:`delsketch.training.optim.Adam`), the same
   formulas as its eager ``_series_update``.
+* ``cauchy_matmul``: Cauchy products of series of small matrices (``kernels._matmul_small``), in register
+  tiles, with half-cost products where a degree-0 coefficient is real.
+* ``series_mul``, ``series_exp``: elementwise Cauchy products and the exp recurrence in one pass
+  (``kernels._mul_into``, ``kernels._exp``).
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import subprocess
@@ -695,9 +700,7 @@ def cauchy_matmul(a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
     sa, sb, so = ae.stride(), be.stride(), out.stride()
     args = (K, p, q, n, nd, _i64s(outer), ae.data_ptr(), outer_strides(ae), sa[1], sa[-2], sa[-1],
             be.data_ptr(), outer_strides(be), sb[1], sb[-2], sb[-1], out.data_ptr(), outer_strides(out), so[1])
-    total = 1
-    for s in outer:
-        total *= s
+    total = math.prod(outer)
     rc = _split(lib.delsketch_cauchy_matmul, total, total * K * K * p * q * n, args)
     if rc != 0:
         raise MemoryError("delsketch native cauchy_matmul: out of memory for its packing buffers")
@@ -705,10 +708,10 @@ def cauchy_matmul(a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 def _runs(out: torch.Tensor, *ins: torch.Tensor):
-    """The elementwise layout of out and inputs of out's shape (series axis 1 apart): outer sizes, per tensor
-    (out first) their outer strides, the inner run's length and inner strides, and the count of outer indices.
-    Neighbouring dims that are one run of memory in every tensor are merged; when out's last dim is not a run
-    (stride 1), the inner run has length one."""
+    """The elementwise layout of out and inputs of out's shape (series axis 1 apart), as the kernels take it:
+    the count of outer indices, the inner run's length, the outer sizes, and per tensor (out first) its pointer,
+    outer strides, coefficient stride and inner stride. Neighbouring dims that are one run of memory in every
+    tensor are merged; when out's last dim is not a run (stride 1), the inner run has length one."""
     ts = (out, *ins)
     dims = [0] + list(range(2, out.dim()))
     sizes = [out.shape[d] for d in dims]
@@ -726,11 +729,8 @@ def _runs(out: torch.Tensor, *ins: torch.Tensor):
         for t, s in enumerate(st):
             s.append(1 if t == 0 else 0)
     L = sizes.pop()
-    inner = [s.pop() for s in st]
-    total = 1
-    for n in sizes:
-        total *= n
-    return sizes, st, L, inner, total
+    ops = [(x.data_ptr(), _i64s(s[:-1]), x.stride(1), s[-1]) for x, s in zip(ts, st)]
+    return math.prod(sizes), L, _i64s(sizes), len(sizes), ops
 
 
 def series_mul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -750,9 +750,8 @@ def series_mul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     if out.numel() == 0:
         return True
-    sizes, st, L, inner, total = _runs(out, ae, be)
-    args = (K, L, len(sizes), _i64s(sizes), ae.data_ptr(), _i64s(st[1]), ae.stride(1), inner[1],
-            be.data_ptr(), _i64s(st[2]), be.stride(1), inner[2], out.data_ptr(), _i64s(st[0]), out.stride(1))
+    total, L, sizes, nd, (oc, oa, ob) = _runs(out, ae, be)
+    args = (K, L, nd, sizes, *oa, *ob, *oc[:3])  # out's inner stride is 1
     return _split(lib.delsketch_series_mul, total, total * L * K * K, args) == 0
 
 
@@ -768,7 +767,6 @@ def series_exp(v: torch.Tensor, a: torch.Tensor) -> bool:
         return False
     if K == 1 or v.numel() == 0:
         return True
-    sizes, st, L, inner, total = _runs(v, a)
-    args = (K, L, len(sizes), _i64s(sizes), a.data_ptr(), _i64s(st[1]), a.stride(1), inner[1],
-            v.data_ptr(), _i64s(st[0]), v.stride(1))
+    total, L, sizes, nd, (ov, oa) = _runs(v, a)
+    args = (K, L, nd, sizes, *oa, *ov[:3])  # v's inner stride is 1
     return _split(lib.delsketch_series_exp, total, total * L * K * K, args) == 0
