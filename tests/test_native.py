@@ -173,12 +173,12 @@ def _mat_series(gen, m, K, shape, real0, col_major=False, expand_rows=False):
 @needs_cc
 @pytest.mark.parametrize("K", [1, 2, 4, 7])
 def test_cauchy_matmul_kernel_equals_definition(fresh_native, K):
-    """Tile edges (p, n not multiples of the 4 x 4 tile, a single row or column), real or complex degree-0
+    """Tile edges (p, n not multiples of the 4 x 4 or 4 x 8 tile, a single row or column), real or complex degree-0
     parts on either side (the half-cost products are taken only where all imaginary parts are zero), row- and
     column-major operands read in place or packed, stride-0 rows, broadcast directions and heads."""
     gen = torch.Generator().manual_seed(90 + K)
     shapes = [((1, 3), (3, 1)), ((7, 16), (16, 27)), ((5, 2), (2, 8)), ((2, 7, 4), (2, 4, 7)),
-              ((1, 6, 5), (3, 5, 4)), ((3, 9, 3), (1, 3, 12))]
+              ((1, 6, 5), (3, 5, 4)), ((3, 9, 3), (1, 3, 12)), ((6, 3), (3, 16)), ((3, 2), (2, 5))]
     n = 0
     for (sa, sb), (ma, mb), ra, rb, ta, tb in itertools.product(
             shapes, [(3, 3), (1, 3), (3, 1)], [True, False], [True, False], [False, True], [False, True]):

@@ -5,9 +5,13 @@ C kernel does the whole update in one pass, per element, in registers. The kerne
 compiler is found, a compile fails, or ``DELSKETCH_NATIVE=0``, :func:`available` is False and callers use their
 eager PyTorch code, which computes the same formulas (the two agree to rounding, tested to 1e-12).
 
-Build: ``$CC`` (default ``cc``) with ``-O3 -march=native -ffp-contract=off``: vector code, and no fused
-multiply-adds, so every operation rounds as IEEE double arithmetic does and a run gives the same bytes on every
-call. The library is cached in ``$DELSKETCH_CACHE`` (default ``~/.cache/delsketch``), named by a hash of the
+Build: ``$CC`` (default ``cc``) with ``-O3 -march=native -ffp-contract=off -fno-tree-vectorize``: the kernels
+are written in explicit vectors (8 lanes of doubles where the CPU has AVX-512, else 4), and no fused
+multiply-adds are emitted, so every operation rounds as IEEE double arithmetic does, a vector lane and a scalar
+remainder give the same bytes, and a run gives the same bytes on every call. (GCC's loop vectorizer emitted
+fused ``vfmaddsub`` complex products into the scalar remainder loops in spite of ``-ffp-contract=off``; that is
+why it is off.) Each kernel is also compiled for each K of 1-8 as a constant, so that its coefficient loops
+unroll into registers. The library is cached in ``$DELSKETCH_CACHE`` (default ``~/.cache/delsketch``), named by a hash of the
 source, the flags, the compiler's version and the CPU's feature flags, and written atomically; a SHA-256 beside
 it is checked before every load, and a library that does not match it is rebuilt, never loaded.
 
@@ -49,21 +53,38 @@ _SOURCE = r"""
 #include <string.h>
 
 #define KMAX 16
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#define B 8  /* lanes: 512-bit vectors where the CPU has them */
+#else
 #define B 4
+#endif
 typedef double vd __attribute__((vector_size(8 * B)));  /* B lanes: one vector per coefficient */
 typedef long long vl __attribute__((vector_size(8 * B)));
+typedef double vd4 __attribute__((vector_size(32)));    /* 4 lanes (mm_tile) */
+typedef long long vl4 __attribute__((vector_size(32)));
 
 /* B interleaved complex numbers at x <-> lane vectors of their real and imaginary parts */
-#if defined(__clang__)
-#define EVEN(a, b) __builtin_shufflevector(a, b, 0, 2, 4, 6)
-#define ODD(a, b) __builtin_shufflevector(a, b, 1, 3, 5, 7)
-#define LO(a, b) __builtin_shufflevector(a, b, 0, 4, 1, 5)
-#define HI(a, b) __builtin_shufflevector(a, b, 2, 6, 3, 7)
+#if B == 8
+#define I_EVEN 0, 2, 4, 6, 8, 10, 12, 14
+#define I_ODD 1, 3, 5, 7, 9, 11, 13, 15
+#define I_LO 0, 8, 1, 9, 2, 10, 3, 11
+#define I_HI 4, 12, 5, 13, 6, 14, 7, 15
 #else
-#define EVEN(a, b) __builtin_shuffle(a, b, (vl){0, 2, 4, 6})
-#define ODD(a, b) __builtin_shuffle(a, b, (vl){1, 3, 5, 7})
-#define LO(a, b) __builtin_shuffle(a, b, (vl){0, 4, 1, 5})
-#define HI(a, b) __builtin_shuffle(a, b, (vl){2, 6, 3, 7})
+#define I_EVEN 0, 2, 4, 6
+#define I_ODD 1, 3, 5, 7
+#define I_LO 0, 4, 1, 5
+#define I_HI 2, 6, 3, 7
+#endif
+#if defined(__clang__)
+#define EVEN(a, b) __builtin_shufflevector(a, b, I_EVEN)
+#define ODD(a, b) __builtin_shufflevector(a, b, I_ODD)
+#define LO(a, b) __builtin_shufflevector(a, b, I_LO)
+#define HI(a, b) __builtin_shufflevector(a, b, I_HI)
+#else
+#define EVEN(a, b) __builtin_shuffle(a, b, (vl){I_EVEN})
+#define ODD(a, b) __builtin_shuffle(a, b, (vl){I_ODD})
+#define LO(a, b) __builtin_shuffle(a, b, (vl){I_LO})
+#define HI(a, b) __builtin_shuffle(a, b, (vl){I_HI})
 #endif
 
 static inline void load2(const double *x, vd *re, vd *im)
@@ -75,7 +96,7 @@ static inline void load2(const double *x, vd *re, vd *im)
     *im = ODD(a, b);
 }
 
-#if defined(__AVX__) && B == 4
+#if defined(__AVX__)
 #include <immintrin.h>
 #define STREAMING 1
 #endif
@@ -85,9 +106,14 @@ static inline void store2(double *x, vd re, vd im, int stream)
 {
     const vd a = LO(re, im), b = HI(re, im);
 #ifdef STREAMING
-    if (stream && !((uintptr_t)x & 31)) {
+    if (stream && !((uintptr_t)x & (8 * B - 1))) {
+#if B == 8
+        _mm512_stream_pd(x, (__m512d)a);
+        _mm512_stream_pd(x + B, (__m512d)b);
+#else
         _mm256_stream_pd(x, (__m256d)a);
         _mm256_stream_pd(x + B, (__m256d)b);
+#endif
         return;
     }
 #endif
@@ -99,10 +125,20 @@ static inline void store2(double *x, vd re, vd im, int stream)
 #define MULR(ar, aq, br, bq) ((ar) * (br) - (aq) * (bq))
 #define MULQ(ar, aq, br, bq) ((ar) * (bq) + (aq) * (br))
 
+/* Kernels are written for any K and compiled once per common K (series of degree 0-7) as well: with K a
+   constant the coefficient loops unroll and the coefficients stay in registers. DISPATCH_K returns
+   f(K, args...) with K as a constant where it is one of those. */
+#define KCASE(n, f, ...) case n: return f(n, __VA_ARGS__);
+#define DISPATCH_K(K, f, ...) switch (K) { \
+    KCASE(1, f, __VA_ARGS__) KCASE(2, f, __VA_ARGS__) KCASE(3, f, __VA_ARGS__) KCASE(4, f, __VA_ARGS__) \
+    KCASE(5, f, __VA_ARGS__) KCASE(6, f, __VA_ARGS__) KCASE(7, f, __VA_ARGS__) KCASE(8, f, __VA_ARGS__) \
+    default: return f(K, __VA_ARGS__); }
+#define INLINE static inline __attribute__((always_inline))
+
 /* Adam on B elements of a series with K coefficients. Inputs are interleaved complex doubles, coefficient k of
    element b at x[2 * (k * ld + b)] (ld = 0 with the zero array: a zero state). Writes the same layout with lo.
    Returns nonzero where a degree-0 second moment is not real and positive. */
-static int block(int K, const double *p, int64_t lp, const double *g, int64_t lg, const double *m, int64_t lm,
+INLINE int block(int K, const double *p, int64_t lp, const double *g, int64_t lg, const double *m, int64_t lm,
                  const double *v, int64_t lv, double *op, double *om, double *ov, int64_t lo,
                  double b1, double b2, double f, double bc2, double eps, int eps_inside, int stream)
 {
@@ -188,16 +224,13 @@ static int block(int K, const double *p, int64_t lp, const double *g, int64_t lg
    out [direction][K][N]; s* is a direction stride in doubles (0: the same series in every direction). m and v
    may be NULL (zero state). Outputs are [direction][K][N]. f = -lr_t / bc1. Returns 0; 1 where a degree-0
    second moment is not real and positive (the caller then takes its general code); 2 for K out of range. */
-int delsketch_series_adam(int64_t i0, int64_t i1, int64_t K, int64_t N,
-                          const double *p, int64_t sp, const double *g, int64_t sg,
-                          const double *m, int64_t sm, const double *v, int64_t sv,
-                          double *op, double *om, double *ov,
-                          double b1, double b2, double f, double bc2, double eps, int eps_inside, int stream)
+INLINE int adam_k(int64_t K, int64_t i0, int64_t i1, int64_t N, const double *p, int64_t sp, const double *g,
+                  int64_t sg, const double *m, int64_t sm, const double *v, int64_t sv, double *op, double *om,
+                  double *ov, double b1, double b2, double f, double bc2, double eps, int eps_inside, int stream)
 {
     static const double zero[2 * B];
     double tp[2 * KMAX * B], tg[2 * KMAX * B], tm[2 * KMAX * B], tv[2 * KMAX * B];
     double to[2 * KMAX * B], tom[2 * KMAX * B], tov[2 * KMAX * B];
-    if (K < 1 || K > KMAX) return 2;
     const int64_t so = 2 * K * N, full = N - N % B;
     int bad = 0;
     for (int64_t i = i0; i < i1; i++) {
@@ -233,6 +266,16 @@ int delsketch_series_adam(int64_t i0, int64_t i1, int64_t K, int64_t N,
     return bad ? 1 : 0;
 }
 
+int delsketch_series_adam(int64_t i0, int64_t i1, int64_t K, int64_t N,
+                          const double *p, int64_t sp, const double *g, int64_t sg,
+                          const double *m, int64_t sm, const double *v, int64_t sv,
+                          double *op, double *om, double *ov,
+                          double b1, double b2, double f, double bc2, double eps, int eps_inside, int stream)
+{
+    if (K < 1 || K > KMAX) return 2;
+    DISPATCH_K(K, adam_k, i0, i1, N, p, sp, g, sg, m, sm, v, sv, op, om, ov, b1, b2, f, bc2, eps, eps_inside, stream)
+}
+
 /* ---------------------------------------------------------------------------------------------------------
    Cauchy products of small complex matrices: c_k = sum_{j<=k} a_j b_{k-j}, k < K, for every outer index (the
    direction and the batch dims). Each outer index packs its a and b into padded buffers (any strides), then
@@ -240,17 +283,18 @@ int delsketch_series_adam(int64_t i0, int64_t i1, int64_t K, int64_t N,
    engine's degree-0 coefficients are real), its products take half the multiplications. */
 #define MR 4                 /* rows of a tile */
 #define NV 2                 /* vectors per tile row */
-#define NC (NV * B / 2)      /* complex columns of a tile */
+#define NC (NV * 2)          /* complex columns of a tile */
 #if defined(__clang__)
 #define SWAP(x) __builtin_shufflevector(x, x, 1, 0, 3, 2)
 #define DUPRE(x) __builtin_shufflevector(x, x, 0, 0, 2, 2)
 #else
-#define SWAP(x) __builtin_shuffle(x, (vl){1, 0, 3, 2})
-#define DUPRE(x) __builtin_shuffle(x, (vl){0, 0, 2, 2})
+#define SWAP(x) __builtin_shuffle(x, (vl4){1, 0, 3, 2})
+#define DUPRE(x) __builtin_shuffle(x, (vl4){0, 0, 2, 2})
 #endif
 
-static inline vd bc1(double x) { return (vd){x, x, x, x}; }
-static inline vd bc2(const double *z) { return (vd){z[0], z[1], z[0], z[1]}; }
+static inline vd bc1(double x) { return (vd){0} + x; }  /* B lanes of x */
+static inline vd4 bc1_4(double x) { return (vd4){x, x, x, x}; }
+static inline vd4 bc2_4(const double *z) { return (vd4){z[0], z[1], z[0], z[1]}; }
 
 /* Tile (rows i0.., columns l0..) of c_k = sum_j a_j b_{k-j}: a_j at pa + j * sa (MR rows of q, row stride q),
    b_j at pb + j * sb (row stride ldb), complex numbers. a0r/b0r: a_0/b_0 are real (their products take half
@@ -258,38 +302,38 @@ static inline vd bc2(const double *z) { return (vd){z[0], z[1], z[0], z[1]}; }
 static void mm_tile(int k, int64_t q, const double *pa, int64_t sa, const double *pb, int64_t sb, int64_t ldb,
                     int a0r, int b0r, double *c, int64_t ldc, int64_t ni, int64_t nl)
 {
-    const vd sgn = {-1.0, 1.0, -1.0, 1.0};
-    vd acc[MR][NV];
+    const vd4 sgn = {-1.0, 1.0, -1.0, 1.0};
+    vd4 acc[MR][NV];
     for (int i = 0; i < MR; i++)
-        for (int v = 0; v < NV; v++) acc[i][v] = (vd){0};
+        for (int v = 0; v < NV; v++) acc[i][v] = (vd4){0};
     for (int j = 0; j <= k; j++) {
         const double *A = pa + 2 * j * sa, *P = pb + 2 * (k - j) * sb;
         if (j == 0 && a0r) {         /* real a_0: ar (br, bi) */
             for (int64_t r = 0; r < q; r++) {
-                vd x[NV];
+                vd4 x[NV];
                 memcpy(x, P + 2 * r * ldb, sizeof x);
                 for (int i = 0; i < MR; i++) {
-                    const vd s = bc1(A[2 * (i * q + r)]);
+                    const vd4 s = bc1_4(A[2 * (i * q + r)]);
                     for (int v = 0; v < NV; v++) acc[i][v] += s * x[v];
                 }
             }
         } else if (j == k && b0r) {  /* real b_0: (ar, ai) (br, br) */
             for (int64_t r = 0; r < q; r++) {
-                vd x[NV];
+                vd4 x[NV];
                 memcpy(x, P + 2 * r * ldb, sizeof x);
                 for (int v = 0; v < NV; v++) x[v] = DUPRE(x[v]);
                 for (int i = 0; i < MR; i++) {
-                    const vd s = bc2(A + 2 * (i * q + r));
+                    const vd4 s = bc2_4(A + 2 * (i * q + r));
                     for (int v = 0; v < NV; v++) acc[i][v] += s * x[v];
                 }
             }
         } else {                     /* ar (br, bi) + ai (-bi, br) */
             for (int64_t r = 0; r < q; r++) {
-                vd x[NV], y[NV];
+                vd4 x[NV], y[NV];
                 memcpy(x, P + 2 * r * ldb, sizeof x);
                 for (int v = 0; v < NV; v++) y[v] = SWAP(x[v]) * sgn;
                 for (int i = 0; i < MR; i++) {
-                    const vd sr = bc1(A[2 * (i * q + r)]), si = bc1(A[2 * (i * q + r) + 1]);
+                    const vd4 sr = bc1_4(A[2 * (i * q + r)]), si = bc1_4(A[2 * (i * q + r) + 1]);
                     for (int v = 0; v < NV; v++) {
                         acc[i][v] += sr * x[v];
                         acc[i][v] += si * y[v];
@@ -306,6 +350,66 @@ static void mm_tile(int k, int64_t q, const double *pa, int64_t sa, const double
         for (int64_t i = 0; i < ni; i++) memcpy(c + 2 * i * ldc, t + 2 * i * NC, (size_t)(2 * nl) * sizeof(double));
     }
 }
+
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#define WIDE 1
+/* mm_tile in 8-lane vectors: MR x 8 complex columns, twice the work per instruction (where the CPU has
+   AVX-512), for matrices wider than one 4-column tile. The same products in the same order as mm_tile. */
+static void mm_tile8(int k, int64_t q, const double *pa, int64_t sa, const double *pb, int64_t sb, int64_t ldb,
+                     int a0r, int b0r, double *c, int64_t ldc, int64_t ni, int64_t nl)
+{
+    const __m512d sgn = _mm512_setr_pd(-1.0, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0);
+    __m512d acc[MR][2];
+    for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = _mm512_setzero_pd();
+    for (int j = 0; j <= k; j++) {
+        const double *A = pa + 2 * j * sa, *P = pb + 2 * (k - j) * sb;
+        const int kind = (j == 0 && a0r) ? 1 : (j == k && b0r) ? 2 : 0;
+        for (int64_t r = 0; r < q; r++) {
+            __m512d x0 = _mm512_loadu_pd(P + 2 * r * ldb), x1 = _mm512_loadu_pd(P + 2 * r * ldb + 8);
+            if (kind == 1) {         /* real a_0: ar (br, bi) */
+                for (int i = 0; i < MR; i++) {
+                    const __m512d s = _mm512_set1_pd(A[2 * (i * q + r)]);
+                    acc[i][0] = _mm512_add_pd(acc[i][0], _mm512_mul_pd(s, x0));
+                    acc[i][1] = _mm512_add_pd(acc[i][1], _mm512_mul_pd(s, x1));
+                }
+            } else if (kind == 2) {  /* real b_0: (ar, ai) (br, br) */
+                x0 = _mm512_movedup_pd(x0);
+                x1 = _mm512_movedup_pd(x1);
+                for (int i = 0; i < MR; i++) {
+                    const __m512d s = _mm512_broadcast_f64x2(_mm_loadu_pd(A + 2 * (i * q + r)));
+                    acc[i][0] = _mm512_add_pd(acc[i][0], _mm512_mul_pd(s, x0));
+                    acc[i][1] = _mm512_add_pd(acc[i][1], _mm512_mul_pd(s, x1));
+                }
+            } else {                 /* ar (br, bi) + ai (-bi, br) */
+                const __m512d y0 = _mm512_mul_pd(_mm512_permute_pd(x0, 0x55), sgn),
+                              y1 = _mm512_mul_pd(_mm512_permute_pd(x1, 0x55), sgn);
+                for (int i = 0; i < MR; i++) {
+                    const __m512d sr = _mm512_set1_pd(A[2 * (i * q + r)]), si = _mm512_set1_pd(A[2 * (i * q + r) + 1]);
+                    acc[i][0] = _mm512_add_pd(acc[i][0], _mm512_mul_pd(sr, x0));
+                    acc[i][0] = _mm512_add_pd(acc[i][0], _mm512_mul_pd(si, y0));
+                    acc[i][1] = _mm512_add_pd(acc[i][1], _mm512_mul_pd(sr, x1));
+                    acc[i][1] = _mm512_add_pd(acc[i][1], _mm512_mul_pd(si, y1));
+                }
+            }
+        }
+    }
+    if (ni == MR && nl == 8) {
+        for (int i = 0; i < MR; i++) {
+            _mm512_storeu_pd(c + 2 * i * ldc, acc[i][0]);
+            _mm512_storeu_pd(c + 2 * i * ldc + 8, acc[i][1]);
+        }
+    } else {
+        double t[2 * MR * 8];
+        for (int i = 0; i < MR; i++) {
+            _mm512_storeu_pd(t + 16 * i, acc[i][0]);
+            _mm512_storeu_pd(t + 16 * i + 8, acc[i][1]);
+        }
+        for (int64_t i = 0; i < ni; i++) memcpy(c + 2 * i * ldc, t + 16 * i, (size_t)(2 * nl) * sizeof(double));
+    }
+}
+#else
+#define WIDE 0
+#endif
 
 /* y[i][j] (row stride ld) = x[i * rs + j * cs], complex numbers */
 static void pack(const double *x, int64_t rs, int64_t cs, int64_t rows, int64_t cols, double *y, int64_t ld)
@@ -356,7 +460,9 @@ int delsketch_cauchy_matmul(int64_t o0, int64_t o1, int64_t K, int64_t p, int64_
                             int64_t ac, const double *b, const int64_t *bs, int64_t bk, int64_t br, int64_t bc,
                             double *c, const int64_t *cs, int64_t ck)
 {
-    const int64_t pp = (p + MR - 1) / MR * MR, np = (n + NC - 1) / NC * NC;
+    const int wide = WIDE && n > NC;  /* 8-column tiles where a row holds more than one 4-column tile */
+    const int64_t nc = wide ? 2 * NC : NC;
+    const int64_t pp = (p + MR - 1) / MR * MR, np = (n + nc - 1) / nc * nc;
     const int direct = bc == 1 && n == np;
     const int64_t na = 2 * K * pp * q, nb = direct ? 0 : 2 * K * q * np;
     double *buf = calloc((size_t)(na + nb + 1), sizeof(double));
@@ -375,12 +481,20 @@ int delsketch_cauchy_matmul(int64_t o0, int64_t o1, int64_t K, int64_t p, int64_
             B0 = pb; sb = q * np; ldb = np;
         }
         const int a0r = real_part_only(pa, p, q, q), b0r = real_part_only(B0, q, n, ldb);
-        for (int64_t l0 = 0; l0 < np; l0 += NC)
+        for (int64_t l0 = 0; l0 < np; l0 += nc)
             for (int64_t i0 = 0; i0 < pp; i0 += MR)
-                for (int64_t k = 0; k < K; k++)
-                    mm_tile((int)k, q, pa + 2 * i0 * q, pp * q, B0 + 2 * l0, sb, ldb, a0r, b0r,
-                            c + 2 * (oc + k * ck + i0 * n + l0), n, p - i0 < MR ? p - i0 : MR,
-                            n - l0 < NC ? n - l0 : NC);
+                for (int64_t k = 0; k < K; k++) {
+                    const double *A = pa + 2 * i0 * q, *P = B0 + 2 * l0;
+                    double *C = c + 2 * (oc + k * ck + i0 * n + l0);
+                    const int64_t ni = p - i0 < MR ? p - i0 : MR, nl = n - l0 < nc ? n - l0 : nc;
+#if WIDE
+                    if (wide) {
+                        mm_tile8((int)k, q, A, pp * q, P, sb, ldb, a0r, b0r, C, n, ni, nl);
+                        continue;
+                    }
+#endif
+                    mm_tile((int)k, q, A, pp * q, P, sb, ldb, a0r, b0r, C, n, ni, nl);
+                }
     }
     free(buf);
     return 0;
@@ -396,12 +510,10 @@ static inline void load_run(const double *x, int64_t s, vd *re, vd *im)
     else { *re = bc1(x[0]); *im = bc1(x[1]); }
 }
 
-int delsketch_series_mul(int64_t o0, int64_t o1, int64_t K, int64_t L, int64_t nd, const int64_t *sizes,
-                         const double *a, const int64_t *as, int64_t ak, int64_t al,
-                         const double *b, const int64_t *bs, int64_t bk, int64_t bl,
-                         double *c, const int64_t *cs, int64_t ck)
+INLINE int mul_k(int64_t K, int64_t o0, int64_t o1, int64_t L, int64_t nd, const int64_t *sizes, const double *a,
+                 const int64_t *as, int64_t ak, int64_t al, const double *b, const int64_t *bs, int64_t bk,
+                 int64_t bl, double *c, const int64_t *cs, int64_t ck)
 {
-    if (K < 1 || K > KMAX) return 2;
     const int vec = (al == 0 || al == 1) && (bl == 0 || bl == 1);
     for (int64_t o = o0; o < o1; o++) {
         const int64_t oa = outer_offset(o, nd, sizes, as), ob = outer_offset(o, nd, sizes, bs),
@@ -440,13 +552,20 @@ int delsketch_series_mul(int64_t o0, int64_t o1, int64_t K, int64_t L, int64_t n
     return 0;
 }
 
-/* The exp recurrence v_k = (1/k) sum_{j=1..k} j a_j v_{k-j}, k = 1..K-1, with v_0 given in v; a and v laid out
-   as in delsketch_series_mul (v's inner stride 1). */
-int delsketch_series_exp(int64_t o0, int64_t o1, int64_t K, int64_t L, int64_t nd, const int64_t *sizes,
+int delsketch_series_mul(int64_t o0, int64_t o1, int64_t K, int64_t L, int64_t nd, const int64_t *sizes,
                          const double *a, const int64_t *as, int64_t ak, int64_t al,
-                         double *v, const int64_t *vs, int64_t vk)
+                         const double *b, const int64_t *bs, int64_t bk, int64_t bl,
+                         double *c, const int64_t *cs, int64_t ck)
 {
     if (K < 1 || K > KMAX) return 2;
+    DISPATCH_K(K, mul_k, o0, o1, L, nd, sizes, a, as, ak, al, b, bs, bk, bl, c, cs, ck)
+}
+
+/* The exp recurrence v_k = (1/k) sum_{j=1..k} j a_j v_{k-j}, k = 1..K-1, with v_0 given in v; a and v laid out
+   as in delsketch_series_mul (v's inner stride 1). */
+INLINE int exp_k(int64_t K, int64_t o0, int64_t o1, int64_t L, int64_t nd, const int64_t *sizes, const double *a,
+                 const int64_t *as, int64_t ak, int64_t al, double *v, const int64_t *vs, int64_t vk)
+{
     for (int64_t o = o0; o < o1; o++) {
         const int64_t oa = outer_offset(o, nd, sizes, as), ov = outer_offset(o, nd, sizes, vs);
         int64_t l = 0;
@@ -489,12 +608,20 @@ int delsketch_series_exp(int64_t o0, int64_t o1, int64_t K, int64_t L, int64_t n
     }
     return 0;
 }
+
+int delsketch_series_exp(int64_t o0, int64_t o1, int64_t K, int64_t L, int64_t nd, const int64_t *sizes,
+                         const double *a, const int64_t *as, int64_t ak, int64_t al,
+                         double *v, const int64_t *vs, int64_t vk)
+{
+    if (K < 1 || K > KMAX) return 2;
+    DISPATCH_K(K, exp_k, o0, o1, L, nd, sizes, a, as, ak, al, v, vs, vk)
+}
 """
 
 #: outputs of at least this many bytes are written around the caches (non-temporal stores, where the CPU has
 #: AVX): they exceed the caches and are read again only at the next step. Same bytes either way.
 _STREAM_BYTES = 1 << 24
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-tree-vectorize", "-fno-math-errno", "-fPIC", "-shared"]
 _lock = threading.Lock()
 _state: dict = {}
 
