@@ -1,7 +1,8 @@
 """In-process A/B of the engine's speed paths on the paper task (figure 3's ring run): degree 3, m directions,
 one thread, configurations alternated round by round in one process, so that load and memory state hit all alike.
 
-Configurations: everything on; without the frozen garbage collector (every collection walks all objects); without
+Configurations: everything on; session 11's kernels (4-lane vectors, one compilation for every K, built with
+``DELSKETCH_NATIVE_CFLAGS``); without the frozen garbage collector (every collection walks all objects); without
 the native elementwise kernels (products and exp in torch); without the native small-matrix kernel (torch's
 stacked matmuls); without all three (session 10's engine); without any native kernel, stacked matmul or frozen
 collector (session 9's). Each run times steps spread over the
@@ -27,15 +28,18 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-_ON = {"native": True, "native_matmul": True, "native_elementwise": True, "small": True, "gc": True}
+_ON = {"native": True, "native_matmul": True, "native_elementwise": True, "small": True, "gc": True, "cflags": ""}
+#: session 11's kernels: 4-lane vectors, one compilation for every K, GCC's loop vectorizer on
+_S11_CFLAGS = "-DDELSKETCH_LANES4 -DDELSKETCH_GENERIC_K -ftree-vectorize"
 CONFIGS = {
     "all on": _ON,
+    "session 11 kernels": {**_ON, "cflags": _S11_CFLAGS},
     "no frozen gc": {**_ON, "gc": False},
     "no native elementwise": {**_ON, "native_elementwise": False},
     "no native matmul": {**_ON, "native_matmul": False},
-    "session 10": {**_ON, "native_matmul": False, "native_elementwise": False, "gc": False},
+    "session 10": {**_ON, "native_matmul": False, "native_elementwise": False, "gc": False, "cflags": _S11_CFLAGS},
     "neither (session 9)": {"native": False, "native_matmul": False, "native_elementwise": False, "small": False,
-                            "gc": False},
+                            "gc": False, "cflags": ""},
 }
 BASE = "neither (session 9)"
 
@@ -75,6 +79,7 @@ def main(argv=None) -> int:
 
     def configure(cfg: dict) -> None:
         os.environ["DELSKETCH_NATIVE"] = "1" if cfg["native"] else "0"
+        os.environ[native.CFLAGS_VARIABLE] = cfg["cflags"]
         native._reset()
         kernels._matmul_small = small_fn if cfg["small"] else (lambda x, y: kernels._bilinear_generic(torch.matmul, x, y))
         kernels._NATIVE_SMALL = cfg["native_matmul"]
@@ -113,6 +118,7 @@ def main(argv=None) -> int:
         kernels._NATIVE_SMALL = kernels._NATIVE_ELEMENTWISE = True
         _alloc.frozen_gc = gc_fn
         os.environ.pop("DELSKETCH_NATIVE", None)
+        os.environ.pop(native.CFLAGS_VARIABLE, None)
         native._reset()
     base = statistics.mean(results[BASE]["step_s"])
     table = {}

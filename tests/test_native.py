@@ -21,8 +21,26 @@ def fresh_native(monkeypatch, tmp_path):
     """A native module that builds into an empty cache of its own."""
     monkeypatch.setenv("DELSKETCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("DELSKETCH_NATIVE", raising=False)
+    monkeypatch.delenv(native.CFLAGS_VARIABLE, raising=False)
     native._reset()
     yield tmp_path / "cache"
+    native._reset()
+
+
+@pytest.fixture(scope="session")
+def _session_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("native-cache")
+
+
+@pytest.fixture
+def built_native(monkeypatch, _session_cache):
+    """A native module built once per test session, into a cache of its own (the kernel tests: a build takes
+    seconds, with every kernel compiled for each common K)."""
+    monkeypatch.setenv("DELSKETCH_CACHE", str(_session_cache))
+    monkeypatch.delenv("DELSKETCH_NATIVE", raising=False)
+    monkeypatch.delenv(native.CFLAGS_VARIABLE, raising=False)
+    native._reset()
+    yield _session_cache
     native._reset()
 
 
@@ -66,7 +84,8 @@ def test_off_and_missing_compiler(fresh_native, monkeypatch):
     """DELSKETCH_NATIVE=0 or no compiler: not available, with the reason, and Adam still steps (eager code)."""
     monkeypatch.setenv("DELSKETCH_NATIVE", "0")
     native._reset()
-    assert native.status() == {"available": False, "reason": "off (DELSKETCH_NATIVE=0)", "path": None}
+    st = native.status()
+    assert (st["available"], st["reason"], st["path"]) == (False, "off (DELSKETCH_NATIVE=0)", None)
     monkeypatch.delenv("DELSKETCH_NATIVE")
     monkeypatch.setenv("CC", str(fresh_native / "no-such-cc"))
     native._reset()
@@ -80,8 +99,8 @@ def test_off_and_missing_compiler(fresh_native, monkeypatch):
 
 @needs_cc
 @pytest.mark.parametrize("inside", [True, False], ids=["eps-inside", "standard"])
-@pytest.mark.parametrize("K", [1, 2, 4, 7])
-def test_adam_kernel_equals_eager(fresh_native, K, inside):
+@pytest.mark.parametrize("K", [1, 2, 4, 7, 10])
+def test_adam_kernel_equals_eager(built_native, K, inside):
     """The fused kernel against the eager series update, for every K's recurrences, both Adam variants, a zero
     state, parameters shared by all directions, element counts that leave a partial block, and degree-0 parts
     that differ by direction."""
@@ -106,7 +125,7 @@ def test_adam_kernel_equals_eager(fresh_native, K, inside):
 
 
 @needs_cc
-def test_adam_kernel_declines_what_it_does_not_cover(fresh_native):
+def test_adam_kernel_declines_what_it_does_not_cover(built_native):
     """A degree-0 second moment that is not real and positive, a series longer than KMAX, other dtypes or a
     non-contiguous output: False, and the caller's eager code runs (which raises or handles it)."""
     gen = torch.Generator().manual_seed(3)
@@ -130,7 +149,7 @@ def test_adam_kernel_declines_what_it_does_not_cover(fresh_native):
 
 
 @needs_cc
-def test_adam_kernel_threads_and_streaming_give_the_same_bytes(fresh_native, monkeypatch):
+def test_adam_kernel_threads_and_streaming_give_the_same_bytes(built_native, monkeypatch):
     """With several torch threads the directions are split across threads, and large outputs are written with
     non-temporal stores: the same bytes as one thread with plain stores."""
     gen = torch.Generator().manual_seed(4)
@@ -172,7 +191,7 @@ def _mat_series(gen, m, K, shape, real0, col_major=False, expand_rows=False):
 
 @needs_cc
 @pytest.mark.parametrize("K", [1, 2, 4, 7])
-def test_cauchy_matmul_kernel_equals_definition(fresh_native, K):
+def test_cauchy_matmul_kernel_equals_definition(built_native, K):
     """Tile edges (p, n not multiples of the 4 x 4 or 4 x 8 tile, a single row or column), real or complex degree-0
     parts on either side (the half-cost products are taken only where all imaginary parts are zero), row- and
     column-major operands read in place or packed, stride-0 rows, broadcast directions and heads."""
@@ -201,7 +220,7 @@ def test_cauchy_matmul_kernel_equals_definition(fresh_native, K):
 
 
 @needs_cc
-def test_cauchy_matmul_kernel_declines_and_threads(fresh_native, monkeypatch):
+def test_cauchy_matmul_kernel_declines_and_threads(built_native, monkeypatch):
     """What the kernel does not take (None: the caller's torch code runs), and the same bytes on any thread
     count."""
     gen = torch.Generator().manual_seed(97)
@@ -226,8 +245,37 @@ def test_cauchy_matmul_kernel_declines_and_threads(fresh_native, monkeypatch):
 
 
 @needs_cc
+def test_compiler_variants_agree(built_native, monkeypatch):
+    """DELSKETCH_NATIVE_CFLAGS builds another library (another cache key). Session 11's kernels (4 lanes, one
+    compilation for every K, GCC's loop vectorizer on) give the same Adam step, products and matmul to rounding
+    as the default build (8 lanes where the CPU has AVX-512, each common K compiled as a constant)."""
+    gen = torch.Generator().manual_seed(6)
+    M, K, N = 5, 4, 37
+    pc, gc, mc, vc = (_series(gen, M, K, N) for _ in range(4))
+    vc[:, 0] = vc[:, 0].abs()
+    a = _mat_series(gen, M, K, (7, 16), True)
+    b = _mat_series(gen, M, K, (16, 27), True, col_major=True)
+
+    def run():
+        out = [torch.empty_like(pc) for _ in range(4)]
+        assert native.adam_update(pc, gc, mc, vc, 0.9, 0.99, -0.1, 0.01, 1e-3, True, *out[:3])
+        assert native.series_mul(out[3], pc, gc)
+        return [*out, native.cauchy_matmul(a, b)], native.status()["path"]
+
+    ref, path = run()
+    monkeypatch.setenv(native.CFLAGS_VARIABLE, "-DDELSKETCH_LANES4 -DDELSKETCH_GENERIC_K -ftree-vectorize")
+    native._reset()
+    got, other = run()
+    assert other != path and native.status()["flags"][-1] == "-ftree-vectorize"
+    for i, (x, y) in enumerate(zip(got, ref)):
+        scale = y.flatten(2).abs().amax(dim=(0, 2), keepdim=True)
+        err = ((x - y).flatten(2).abs() / scale).max().item()
+        assert 0 <= err < 1e-13, (i, err)
+
+
+@needs_cc
 @pytest.mark.parametrize("K", [1, 2, 4, 16])
-def test_series_mul_kernel_equals_definition(fresh_native, K):
+def test_series_mul_kernel_equals_definition(built_native, K):
     """The elementwise Cauchy product against its definition (one complex product per pair, summed in torch),
     over broadcasts in m and in the shape (stride-0 inner runs on either side), runs shorter and longer than a
     vector, transposed (non-unit inner stride) operands, a strided output view, and rank-2 series."""
@@ -264,7 +312,7 @@ def test_series_mul_kernel_equals_definition(fresh_native, K):
 
 @needs_cc
 @pytest.mark.parametrize("K", [2, 4, 16])
-def test_series_exp_kernel_equals_recurrence(fresh_native, monkeypatch, K):
+def test_series_exp_kernel_equals_recurrence(built_native, monkeypatch, K):
     """The native exp recurrence against torch's (the kernel switched off), on contiguous, transposed and
     stride-0 (expanded) inputs and a scaled degree-0 coefficient; and exp against nested jvp via the kernel."""
     from delsketch.series import kernels as R  # noqa: PLC0415

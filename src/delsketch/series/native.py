@@ -32,6 +32,7 @@ import hashlib
 import math
 import os
 import platform
+import shlex
 import subprocess
 import tempfile
 import threading
@@ -53,8 +54,8 @@ _SOURCE = r"""
 #include <string.h>
 
 #define KMAX 16
-#if defined(__AVX512F__) && defined(__AVX512DQ__)
-#define B 8  /* lanes: 512-bit vectors where the CPU has them */
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && !defined(DELSKETCH_LANES4)
+#define B 8  /* lanes: 512-bit vectors where the CPU has them (-DDELSKETCH_LANES4: 4 lanes, for comparisons) */
 #else
 #define B 4
 #endif
@@ -129,10 +130,14 @@ static inline void store2(double *x, vd re, vd im, int stream)
    constant the coefficient loops unroll and the coefficients stay in registers. DISPATCH_K returns
    f(K, args...) with K as a constant where it is one of those. */
 #define KCASE(n, f, ...) case n: return f(n, __VA_ARGS__);
+#ifdef DELSKETCH_GENERIC_K  /* for comparisons: one compilation for every K */
+#define DISPATCH_K(K, f, ...) return f(K, __VA_ARGS__);
+#else
 #define DISPATCH_K(K, f, ...) switch (K) { \
     KCASE(1, f, __VA_ARGS__) KCASE(2, f, __VA_ARGS__) KCASE(3, f, __VA_ARGS__) KCASE(4, f, __VA_ARGS__) \
     KCASE(5, f, __VA_ARGS__) KCASE(6, f, __VA_ARGS__) KCASE(7, f, __VA_ARGS__) KCASE(8, f, __VA_ARGS__) \
     default: return f(K, __VA_ARGS__); }
+#endif
 #define INLINE static inline __attribute__((always_inline))
 
 /* Adam on B elements of a series with K coefficients. Inputs are interleaved complex doubles, coefficient k of
@@ -351,7 +356,7 @@ static void mm_tile(int k, int64_t q, const double *pa, int64_t sa, const double
     }
 }
 
-#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && !defined(DELSKETCH_LANES4)
 #define WIDE 1
 /* mm_tile in 8-lane vectors: MR x 8 complex columns, twice the work per instruction (where the CPU has
    AVX-512), for matrices wider than one 4-column tile. The same products in the same order as mm_tile. */
@@ -622,6 +627,9 @@ int delsketch_series_exp(int64_t o0, int64_t o1, int64_t K, int64_t L, int64_t n
 #: AVX): they exceed the caches and are read again only at the next step. Same bytes either way.
 _STREAM_BYTES = 1 << 24
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-tree-vectorize", "-fno-math-errno", "-fPIC", "-shared"]
+#: extra compiler flags, appended to _FLAGS (and part of the library's cache key): for comparisons, e.g.
+#: ``-DDELSKETCH_LANES4 -DDELSKETCH_GENERIC_K -ftree-vectorize`` builds session 11's kernels (bench/engine_ab.py)
+CFLAGS_VARIABLE = "DELSKETCH_NATIVE_CFLAGS"
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -648,6 +656,10 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _flags() -> list:
+    return _FLAGS + shlex.split(os.environ.get(CFLAGS_VARIABLE, ""))
+
+
 def _build(cc: str, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_so = tempfile.mkstemp(prefix=out.stem + ".", suffix=".so.tmp", dir=out.parent)
@@ -655,7 +667,7 @@ def _build(cc: str, out: Path) -> None:
     src = Path(tmp_so[: -len(".so.tmp")] + ".c")
     try:
         src.write_text(_SOURCE)
-        r = subprocess.run([cc, *_FLAGS, "-o", tmp_so, str(src), "-lm"], capture_output=True, text=True, timeout=120)
+        r = subprocess.run([cc, *_flags(), "-o", tmp_so, str(src), "-lm"], capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             raise OSError(f"{cc} failed: {(r.stderr or r.stdout).strip()[:300]}")
         digest = _sha256(Path(tmp_so))
@@ -679,7 +691,7 @@ def _load():
         ver = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"no C compiler ({cc}: {e})", None
-    key = hashlib.sha256("\0".join([_SOURCE, " ".join(_FLAGS), ver, _cpu_flags(), platform.machine()])
+    key = hashlib.sha256("\0".join([_SOURCE, " ".join(_flags()), ver, _cpu_flags(), platform.machine()])
                          .encode()).hexdigest()[:20]
     last = None
     for d in (_cache_dir(), Path(tempfile.gettempdir()) / f"delsketch-{os.getuid() if hasattr(os, 'getuid') else 0}"):
@@ -725,9 +737,11 @@ def available() -> bool:
 
 
 def status() -> dict:
-    """``{"available": bool, "reason": str, "path": str | None}``, for run records and benchmarks."""
+    """``{"available": bool, "reason": str, "path": str | None, "flags": [...]}``, for run records and
+    benchmarks."""
     _get()
-    return {"available": _state["lib"] is not None, "reason": _state["reason"], "path": _state["path"]}
+    return {"available": _state["lib"] is not None, "reason": _state["reason"], "path": _state["path"],
+            "flags": _flags()}
 
 
 def _reset() -> None:
