@@ -421,18 +421,12 @@ static void pack(const double *x, int64_t rs, int64_t cs, int64_t rows, int64_t 
 {
     if (cs == 1) {
         for (int64_t i = 0; i < rows; i++) memcpy(y + 2 * i * ld, x + 2 * i * rs, (size_t)(2 * cols) * sizeof(double));
-    } else if (rs == 1) {
+    } else if (rs == 1) {    /* a transpose: columns read in order, one 16-byte move per complex number */
         for (int64_t j = 0; j < cols; j++)
-            for (int64_t i = 0; i < rows; i++) {
-                y[2 * (i * ld + j)] = x[2 * (i + j * cs)];
-                y[2 * (i * ld + j) + 1] = x[2 * (i + j * cs) + 1];
-            }
+            for (int64_t i = 0; i < rows; i++) memcpy(y + 2 * (i * ld + j), x + 2 * (i + j * cs), 16);
     } else {
         for (int64_t i = 0; i < rows; i++)
-            for (int64_t j = 0; j < cols; j++) {
-                y[2 * (i * ld + j)] = x[2 * (i * rs + j * cs)];
-                y[2 * (i * ld + j) + 1] = x[2 * (i * rs + j * cs) + 1];
-            }
+            for (int64_t j = 0; j < cols; j++) memcpy(y + 2 * (i * ld + j), x + 2 * (i * rs + j * cs), 16);
     }
 }
 
