@@ -467,7 +467,8 @@ int delsketch_cauchy_matmul(int64_t o0, int64_t o1, int64_t K, int64_t p, int64_
     double *buf = calloc((size_t)(na + nb + 1), sizeof(double));
     if (!buf) return 3;
     double *pa = buf, *pb = pa + na;
-    const int dense = bk == q * n && ((br == n && bc == 1) || (br == 1 && bc == q));
+    const int densea = ak == p * q && ((ar == q && ac == 1) || (ar == 1 && ac == p)),
+              denseb = bk == q * n && ((br == n && bc == 1) || (br == 1 && bc == q));
     const int64_t ntiles = (np / nc) * (pp / MR) * K;
     for (int64_t o = o0; o < o1; o++) {
         const int64_t oa = outer_offset(o, nd, sizes, as), ob = outer_offset(o, nd, sizes, bs),
@@ -482,19 +483,28 @@ int delsketch_cauchy_matmul(int64_t o0, int64_t o1, int64_t K, int64_t p, int64_
             B0 = pb; sb = q * np; ldb = np;
         }
         const int a0r = real_part_only(pa, p, q, q), b0r = real_part_only(B0, q, n, ldb);
-        /* b of the next outer index, where it is one dense block, is prefetched a few lines per tile: the
-           weight series of a step exceed the caches, and the tiles' strided row reads stall on memory */
-        const char *next = 0;
-        int64_t lines = 0, per = 0;
-        if (dense && o + 1 < o1) {
-            next = (const char *)(b + 2 * outer_offset(o + 1, nd, sizes, bs));
-            lines = (K * q * n * 16 + 63) / 64;
-            per = (lines + ntiles - 1) / ntiles;
+        /* a and b of the next outer index, where each is one dense block, are prefetched a few lines per tile:
+           the weight series of a step exceed the caches, and the reads of b's rows and of the packing stall on
+           memory */
+        const char *nexta = 0, *nextb = 0;
+        int64_t linesa = 0, linesb = 0, pera = 0, perb = 0;
+        if (o + 1 < o1) {
+            if (densea) {
+                nexta = (const char *)(a + 2 * outer_offset(o + 1, nd, sizes, as));
+                linesa = (K * p * q * 16 + 63) / 64;
+                pera = (linesa + ntiles - 1) / ntiles;
+            }
+            if (denseb) {
+                nextb = (const char *)(b + 2 * outer_offset(o + 1, nd, sizes, bs));
+                linesb = (K * q * n * 16 + 63) / 64;
+                perb = (linesb + ntiles - 1) / ntiles;
+            }
         }
         for (int64_t l0 = 0; l0 < np; l0 += nc)
             for (int64_t i0 = 0; i0 < pp; i0 += MR)
                 for (int64_t k = 0; k < K; k++) {
-                    for (int64_t t = 0; t < per && lines > 0; t++, lines--, next += 64) __builtin_prefetch(next, 0, 3);
+                    for (int64_t t = 0; t < pera && linesa > 0; t++, linesa--, nexta += 64) __builtin_prefetch(nexta, 0, 3);
+                    for (int64_t t = 0; t < perb && linesb > 0; t++, linesb--, nextb += 64) __builtin_prefetch(nextb, 0, 3);
                     const double *A = pa + 2 * i0 * q, *P = B0 + 2 * l0;
                     double *C = c + 2 * (oc + k * ck + i0 * n + l0);
                     const int64_t ni = p - i0 < MR ? p - i0 : MR, nl = n - l0 < nc ? n - l0 : nc;
