@@ -11,9 +11,9 @@ multiply-adds are emitted, so every operation rounds as IEEE double arithmetic d
 remainder give the same bytes, and a run gives the same bytes on every call. (GCC's loop vectorizer emitted
 fused ``vfmaddsub`` complex products into the scalar remainder loops in spite of ``-ffp-contract=off``; that is
 why it is off.) Each kernel is also compiled for each K of 1-8 as a constant, so that its coefficient loops
-unroll into registers. The library is cached in ``$DELSKETCH_CACHE`` (default ``~/.cache/delsketch``), named by a hash of the
-source, the flags, the compiler's version and the CPU's feature flags, and written atomically; a SHA-256 beside
-it is checked before every load, and a library that does not match it is rebuilt, never loaded.
+unroll into registers. The library is cached in ``$DELSKETCH_CACHE`` (default ``~/.cache/delsketch``), named by a
+hash of the source, the flags, the compiler's version and the CPU's feature flags, and written atomically; a
+SHA-256 beside it is checked before every load, and a library that does not match it is rebuilt, never loaded.
 
 Kernels:
 
@@ -503,8 +503,10 @@ int delsketch_cauchy_matmul(int64_t o0, int64_t o1, int64_t K, int64_t p, int64_
         for (int64_t l0 = 0; l0 < np; l0 += nc)
             for (int64_t i0 = 0; i0 < pp; i0 += MR)
                 for (int64_t k = 0; k < K; k++) {
-                    for (int64_t t = 0; t < pera && linesa > 0; t++, linesa--, nexta += 64) __builtin_prefetch(nexta, 0, 3);
-                    for (int64_t t = 0; t < perb && linesb > 0; t++, linesb--, nextb += 64) __builtin_prefetch(nextb, 0, 3);
+                    for (int64_t t = 0; t < pera && linesa > 0; t++, linesa--, nexta += 64)
+                        __builtin_prefetch(nexta, 0, 3);
+                    for (int64_t t = 0; t < perb && linesb > 0; t++, linesb--, nextb += 64)
+                        __builtin_prefetch(nextb, 0, 3);
                     const double *A = pa + 2 * i0 * q, *P = B0 + 2 * l0;
                     double *C = c + 2 * (oc + k * ck + i0 * n + l0);
                     const int64_t ni = p - i0 < MR ? p - i0 : MR, nl = n - l0 < nc ? n - l0 : nc;
