@@ -16,13 +16,18 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 needs_cc = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
 
 
-@pytest.fixture
-def fresh_native(monkeypatch, tmp_path):
-    """A native module that builds into an empty cache of its own."""
-    monkeypatch.setenv("DELSKETCH_CACHE", str(tmp_path / "cache"))
+def _native_with_cache(monkeypatch, cache):
+    """The native module, default build, reloaded to build into (or load from) ``cache``."""
+    monkeypatch.setenv("DELSKETCH_CACHE", str(cache))
     monkeypatch.delenv("DELSKETCH_NATIVE", raising=False)
     monkeypatch.delenv(native.CFLAGS_VARIABLE, raising=False)
     native._reset()
+
+
+@pytest.fixture
+def fresh_native(monkeypatch, tmp_path):
+    """A native module that builds into an empty cache of its own."""
+    _native_with_cache(monkeypatch, tmp_path / "cache")
     yield tmp_path / "cache"
     native._reset()
 
@@ -36,10 +41,7 @@ def _session_cache(tmp_path_factory):
 def built_native(monkeypatch, _session_cache):
     """A native module built once per test session, into a cache of its own (the kernel tests: a build takes
     seconds, with every kernel compiled for each common K)."""
-    monkeypatch.setenv("DELSKETCH_CACHE", str(_session_cache))
-    monkeypatch.delenv("DELSKETCH_NATIVE", raising=False)
-    monkeypatch.delenv(native.CFLAGS_VARIABLE, raising=False)
-    native._reset()
+    _native_with_cache(monkeypatch, _session_cache)
     yield _session_cache
     native._reset()
 

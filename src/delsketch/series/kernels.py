@@ -15,8 +15,8 @@ Everything is plain torch: no autograd, no ``torch.vmap`` (the kernels are
 called from inside ``__torch_dispatch__``). On the CPU the hottest loops (small
 Cauchy matmuls, elementwise Cauchy products, the exp recurrence) go through the
 optional C kernels of :mod:`delsketch.series.native` when they are built; the
-torch code below is their fallback and their reference in the tests.  Results never alias their inputs,
-except :func:`truncate`, which returns a view.
+torch code below is their fallback and their reference in the tests.  Results
+never alias their inputs, except :func:`truncate`, which returns a view.
 
 Recurrences (Griewank & Walther, *Evaluating Derivatives*, 2nd ed., §13.2):
 

@@ -770,7 +770,7 @@ def _reset() -> None:
 
 def _dir_stride(x: torch.Tensor, M: int, K: int, N: int) -> Optional[int]:
     """x's direction stride in doubles, 0 for one series shared by all M directions, None if x does not fit."""
-    if x.dtype != torch.complex128 or x.device.type != "cpu" or x.is_conj() or x.is_neg():
+    if not _plain_c128(x):
         return None
     if x.dim() < 2 or x.shape[1] != K or x[0].numel() != K * N or not x[0].is_contiguous():
         return None
